@@ -1,0 +1,54 @@
+"""The ``ldm-compat`` command line. Each subcommand's work lives in the package; this file only parses arguments."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+# name -> (help, function that adds arguments, "module:function" run with the parsed args)
+_COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str]] = {}
+
+
+def command(name: str, help: str, target: str):
+    """Register a subcommand: the decorated function adds its arguments; ``target`` runs it (imported lazily)."""
+
+    def register(add_arguments):
+        _COMMANDS[name] = (help, add_arguments, target)
+        return add_arguments
+
+    return register
+
+
+@command("demo", "run the offline demo end to end", "ldm_compat.demo:run")
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", default="demo_output", help="folder for everything the demo writes")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ldm_compat import __version__
+
+    parser = argparse.ArgumentParser(prog="ldm-compat", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"ldm-compat {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (help_text, add_arguments, _) in _COMMANDS.items():
+        add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module_name, function_name = _COMMANDS[args.command][2].split(":")
+    from importlib import import_module
+
+    try:
+        result = getattr(import_module(module_name), function_name)(args)
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, NotImplementedError) as err:
+        # our errors are one line that names the file/key/option; no traceback for bad input
+        print(f"ldm-compat {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

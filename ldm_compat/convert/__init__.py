@@ -1,0 +1,1 @@
+"""Conversion between original ``.ckpt``/``.safetensors`` + YAML and diffusers folders."""

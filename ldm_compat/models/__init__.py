@@ -1,0 +1,1 @@
+"""Models: a ``ModelMixin`` port of the original openaimodel ``UNetModel`` with identical state-dict keys."""

@@ -1,0 +1,1 @@
+"""Pipelines: ``DiffusionPipeline`` subclasses that sample like the original ``p_sample_loop`` / ``DDIMSampler``."""

@@ -1,0 +1,1 @@
+"""Schedulers: the original DDPM schedule and samplers as diffusers ``SchedulerMixin`` classes."""

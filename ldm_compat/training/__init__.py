@@ -1,0 +1,1 @@
+"""Training: the DDPM objective, LitEma-exact EMA, and the Accelerate loop."""
