@@ -1,0 +1,141 @@
+"""What a training run needs from an original-style YAML (``model``, ``data``, ``lightning``), checked up front.
+
+Every ``DDPM`` option of latent-diffusion/stablediffusion is recognised; unknown ``model.params`` keys are listed
+in one warning (a typo should not pass silently), wrong types are a one-line error naming the key.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ldm_compat.config import ConfigError, to_plain
+
+# every DDPM.__init__ argument of CompVis latent-diffusion and Stability-AI stablediffusion
+DDPM_KEYS = frozenset(
+    {
+        "unet_config", "timesteps", "beta_schedule", "loss_type", "ckpt_path", "ignore_keys", "load_only_unet",
+        "monitor", "use_ema", "first_stage_key", "image_size", "channels", "log_every_t", "clip_denoised",
+        "linear_start", "linear_end", "cosine_s", "given_betas", "original_elbo_weight", "v_posterior",
+        "l_simple_weight", "conditioning_key", "parameterization", "scheduler_config", "use_positional_encodings",
+        "learn_logvar", "logvar_init", "make_it_fit", "ucg_training", "reset_ema", "reset_num_ema_updates",
+    }
+)  # fmt: skip
+# expected Python types of the scalar options (None is always allowed: it means "default")
+_TYPES: dict[str, tuple[type, ...]] = {
+    "timesteps": (int,), "beta_schedule": (str,), "loss_type": (str,), "ckpt_path": (str,), "ignore_keys": (list,),
+    "load_only_unet": (bool,), "monitor": (str,), "use_ema": (bool,), "first_stage_key": (str,),
+    "image_size": (int,), "channels": (int,), "log_every_t": (int,), "clip_denoised": (bool,),
+    "linear_start": (int, float), "linear_end": (int, float), "cosine_s": (int, float), "given_betas": (list,),
+    "original_elbo_weight": (int, float), "v_posterior": (int, float), "l_simple_weight": (int, float),
+    "conditioning_key": (str,), "parameterization": (str,), "scheduler_config": (dict,),
+    "use_positional_encodings": (bool,), "learn_logvar": (bool,), "logvar_init": (int, float),
+    "make_it_fit": (bool,), "ucg_training": (dict,), "reset_ema": (bool,), "reset_num_ema_updates": (bool,),
+    "unet_config": (dict,),
+}  # fmt: skip
+
+
+def _get(mapping: Mapping, dotted: str, default: Any = None) -> Any:
+    node: Any = mapping
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or node.get(part) is None:
+            return default
+        node = node[part]
+    return node
+
+
+def check_ddpm_params(params: Mapping, source: str = "config") -> list[str]:
+    """Validate ``model.params``: raise on wrong types, warn once listing unknown keys; return the unknown keys."""
+    for key, types in _TYPES.items():
+        value = params.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) and bool not in types:
+            raise ConfigError(f"{source}: model.params.{key}={value!r}: expected {'/'.join(t.__name__ for t in types)}")
+        if not isinstance(value, types):
+            raise ConfigError(
+                f"{source}: model.params.{key}={value!r} ({type(value).__name__}): "
+                f"expected {'/'.join(t.__name__ for t in types)}"
+            )
+    if "unet_config" not in params:
+        raise ConfigError(f"{source}: model.params.unet_config is required (the UNetModel target and params)")
+    unknown = sorted(set(params) - DDPM_KEYS)
+    if unknown:
+        warnings.warn(f"{source}: model.params keys not used by DDPM (ignored): {', '.join(unknown)}", stacklevel=2)
+    if params.get("use_positional_encodings"):
+        warnings.warn(
+            f"{source}: model.params.use_positional_encodings has no effect (dead code in the original: it calls "
+            "an undefined compute_latent_shifts)",
+            stacklevel=2,
+        )
+    if params.get("reset_ema") and not params.get("ckpt_path"):
+        raise ConfigError(f"{source}: model.params.reset_ema needs ckpt_path (as in stablediffusion)")
+    return unknown
+
+
+@dataclass
+class TrainSettings:
+    """The run's numbers, read from the original config sections with the original defaults."""
+
+    params: dict  # model.params
+    base_learning_rate: float
+    batch_size: int
+    accumulate_grad_batches: int = 1
+    max_steps: int | None = None
+    max_epochs: int | None = None
+    gradient_clip_val: float = 0.0
+    image_log_frequency: int = 750  # lightning.callbacks.image_logger.params.batch_frequency
+    max_images: int = 4
+    val_check_interval: int | None = None
+    data: dict = field(default_factory=dict)  # the data section, params included
+    source: str = "config"
+
+    @classmethod
+    def from_config(cls, config: Mapping, source: str = "config") -> TrainSettings:
+        config = to_plain(config)
+        params = dict(_get(config, "model.params", {}))
+        check_ddpm_params(params, source)
+        base_lr = _get(config, "model.base_learning_rate")
+        if base_lr is None:
+            raise ConfigError(f"{source}: model.base_learning_rate is required")
+        batch_size = _get(config, "data.params.batch_size")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"{source}: data.params.batch_size={batch_size!r}: expected a positive integer")
+        trainer = _get(config, "lightning.trainer", {})
+        accumulate = trainer.get("accumulate_grad_batches") or 1
+        if not isinstance(accumulate, int) or accumulate < 1:
+            raise ConfigError(f"{source}: lightning.trainer.accumulate_grad_batches={accumulate!r}: expected int ≥ 1")
+        max_steps = trainer.get("max_steps")
+        if max_steps is not None and (not isinstance(max_steps, int) or max_steps == 0 or max_steps < -1):
+            raise ConfigError(f"{source}: lightning.trainer.max_steps={max_steps!r}: expected a positive integer")
+        logger = _get(config, "lightning.callbacks.image_logger.params", {})
+        return cls(
+            params=params,
+            base_learning_rate=float(base_lr),
+            batch_size=batch_size,
+            accumulate_grad_batches=accumulate,
+            max_steps=None if max_steps in (None, -1) else max_steps,
+            max_epochs=trainer.get("max_epochs"),
+            gradient_clip_val=float(trainer.get("gradient_clip_val") or 0.0),
+            image_log_frequency=int(logger.get("batch_frequency", 750)),
+            max_images=int(logger.get("max_images", 4)),
+            val_check_interval=trainer.get("val_check_interval")
+            if isinstance(trainer.get("val_check_interval"), int)
+            else None,
+            data=dict(config.get("data") or {}),
+            source=source,
+        )
+
+    @property
+    def use_ema(self) -> bool:
+        return bool(self.params.get("use_ema", True))
+
+    @property
+    def first_stage_key(self) -> str:
+        return self.params.get("first_stage_key") or "image"
+
+    @property
+    def monitor(self) -> str | None:
+        return self.params.get("monitor", "val/loss")
