@@ -1,0 +1,106 @@
+"""Small building blocks shared by the UNet modules: the original ``diffusionmodules/util.py`` helpers.
+
+Each helper reproduces one function of the original (named in its docstring) without copying its code.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import nn
+
+
+class GroupNorm32(nn.GroupNorm):
+    """``normalization(channels)`` of the original: ``GroupNorm(32, channels)`` (eps 1e-5) computed in float32.
+
+    The original upcasts every input and casts the result back; for a float32 input both casts are no-ops, so the
+    float32 case costs nothing extra.
+    """
+
+    def __init__(self, num_channels: int):
+        super().__init__(32, num_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # ``.float()`` returns ``x`` itself for float32 input; the cast back is skipped when the dtype already matches
+        # (under autocast F.group_norm may return another dtype, which the original's ``.type(x.dtype)`` undoes).
+        out = F.group_norm(x.float(), self.num_groups, self.weight, self.bias, self.eps)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
+def conv_nd(dims: int, *args, **kwargs) -> nn.Module:
+    """``conv_nd``: a 1-D, 2-D or 3-D convolution."""
+    if dims == 1:
+        return nn.Conv1d(*args, **kwargs)
+    if dims == 2:
+        return nn.Conv2d(*args, **kwargs)
+    if dims == 3:
+        return nn.Conv3d(*args, **kwargs)
+    raise ValueError(f"dims must be 1, 2 or 3, got {dims!r}")
+
+
+def avg_pool_nd(dims: int, *args, **kwargs) -> nn.Module:
+    """``avg_pool_nd``: a 1-D, 2-D or 3-D average pooling."""
+    if dims == 1:
+        return nn.AvgPool1d(*args, **kwargs)
+    if dims == 2:
+        return nn.AvgPool2d(*args, **kwargs)
+    if dims == 3:
+        return nn.AvgPool3d(*args, **kwargs)
+    raise ValueError(f"dims must be 1, 2 or 3, got {dims!r}")
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    """``zero_module``: zero every parameter of ``module`` in place and return it."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.zero_()
+    return module
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
+    """Sinusoidal timestep embedding ``[cos, sin]`` of ``t · exp(-ln(max_period) · i / half)`` (``repeat_only=False``).
+
+    The frequencies are built in float32 and the timesteps cast with ``.float()`` exactly as the original does, so the
+    result is bit-identical. An odd ``dim`` gets a zero column appended. Equal to diffusers' ``get_timestep_embedding``
+    with ``flip_sin_to_cos=True, downscale_freq_shift=0``.
+    """
+    half = dim // 2
+    exponent = torch.arange(0, half, dtype=torch.float32) * (-math.log(max_period)) / half
+    freqs = torch.exp(exponent).to(device=timesteps.device)
+    args = timesteps[:, None].float() * freqs[None]
+    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+    return embedding
+
+
+def default_checkpoint(function: Callable, *args):
+    """Gradient checkpointing used for ``use_checkpoint=True``: ``torch.utils.checkpoint`` without re-entrance."""
+    return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False)
+
+
+class CheckpointMixin:
+    """Lets a block recompute its ``_forward`` in the backward pass.
+
+    ``gradient_checkpointing`` starts at the original's ``use_checkpoint``; diffusers'
+    ``ModelMixin.enable_gradient_checkpointing()`` / ``disable_gradient_checkpointing()`` set it (and
+    ``_gradient_checkpointing_func``) on every module that has the attribute.
+    """
+
+    gradient_checkpointing: bool = False
+    _gradient_checkpointing_func: Callable | None = None
+
+    def _init_checkpointing(self, enabled: bool) -> None:
+        self.gradient_checkpointing = bool(enabled)
+        self._gradient_checkpointing_func = default_checkpoint
+
+    def _maybe_checkpoint(self, *args):
+        # Only worth it (and only meaningful) when autograd records the graph.
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            func = self._gradient_checkpointing_func or default_checkpoint
+            return func(self._forward, *args)
+        return self._forward(*args)
