@@ -1,0 +1,322 @@
+"""``LDMCompatPipeline``: sampling a latent-diffusion ``DDPM`` the way the original code does, as a diffusers pipeline.
+
+With ``LDMDDPMScheduler`` the loop is the original ``DDPM.p_sample_loop`` (every one of the T steps from t = T-1 to
+0, ``clip_denoised``, ``intermediates`` every ``log_every_t``); with ``LDMDDIMScheduler`` it is the original
+``DDIMSampler.sample``; any diffusers scheduler can be swapped in (``DDIMScheduler``, ``DPMSolverMultistepScheduler``,
+``EulerDiscreteScheduler``, ``UniPCMultistepScheduler``, …) through ``Scheduler.from_config(pipe.scheduler.config)``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
+
+from ldm_compat.pipelines import folder as folder_format
+from ldm_compat.pipelines.conditioning_inputs import (
+    check_conditioning_key,
+    infer_batch_size,
+    needs_concat,
+    prepare_conditioning,
+)
+from ldm_compat.pipelines.output import LDMCompatPipelineOutput, check_output_type, postprocess
+
+#: the original ``DDPM``'s default ``log_every_t``
+DEFAULT_LOG_EVERY_T = 100
+
+
+class LDMCompatPipeline(DiffusionPipeline):
+    r"""Sample an original latent-diffusion ``DDPM`` (CompVis / Stability-AI) with diffusers components.
+
+    Args:
+        unet: the denoiser, normally ``LDMUNetModel`` (a diffusers ``UNet2DModel`` / ``UNet2DConditionModel`` works
+            too: it is called as ``unet(sample, t, encoder_hidden_states=..., class_labels=...).sample`` with only
+            the arguments the model's conditioning needs).
+        scheduler: normally ``LDMDDPMScheduler`` (ancestral sampling = ``p_sample_loop``) or ``LDMDDIMScheduler``;
+            any diffusers scheduler works.
+        conditioning_key: the original ``DDPM``'s ``conditioning_key`` (the ``DiffusionWrapper`` routing): ``None``,
+            ``"concat"``, ``"crossattn"``, ``"hybrid"``, ``"adm"``, ``"crossattn-adm"`` or ``"hybrid-adm"``.
+        image_size: the original ``DDPM``'s ``image_size`` (sampling height = width); ``None`` takes the UNet's
+            ``sample_size``.
+        channels: the original ``DDPM``'s ``channels`` (channels of the sample); ``None`` takes the UNet's
+            ``in_channels`` (``out_channels`` for concat models, whose ``in_channels`` include the concat).
+
+    The three settings are pipeline config (``pipe.config``) and are written to ``model_index.json``.
+    """
+
+    model_cpu_offload_seq = "unet"
+
+    def __init__(
+        self,
+        unet: ModelMixin,
+        scheduler: SchedulerMixin,
+        conditioning_key: str | None = None,
+        image_size: int | None = None,
+        channels: int | None = None,
+    ):
+        super().__init__()
+        check_conditioning_key(conditioning_key)
+        for name, value in (("image_size", image_size), ("channels", channels)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name}: expected a positive int or None, got {value!r}")
+        self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_to_config(conditioning_key=conditioning_key, image_size=image_size, channels=channels)
+
+    # ------------------------------------------------------------------------------------------------ shape
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """``(channels, height, width)`` of one sample, from the pipeline config or the UNet's."""
+        unet_config = self.unet.config
+        channels = self.config.channels
+        if channels is None:
+            key = self.config.conditioning_key
+            channels = unet_config.out_channels if needs_concat(key) else unet_config.in_channels
+        size = self.config.image_size if self.config.image_size is not None else unet_config.sample_size
+        if size is None:
+            raise ValueError("image_size: neither the pipeline config nor the UNet config (sample_size) sets it")
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        return int(channels), int(height), int(width)
+
+    @property
+    def runs_as_stock_ddpm(self) -> bool:
+        """Whether diffusers' ``DDPMPipeline`` samples this model identically (then saved folders name it)."""
+        c = self.config
+        return folder_format.runs_as_stock_ddpm(c.conditioning_key, c.image_size, c.channels, dict(self.unet.config))
+
+    # ------------------------------------------------------------------------------------------------ sampling
+    def _set_timesteps(self, num_inference_steps: int | None, device: torch.device) -> None:
+        params = inspect.signature(self.scheduler.set_timesteps).parameters
+        if num_inference_steps is None and not type(self.scheduler).__module__.startswith("ldm_compat."):
+            # diffusers schedulers need a count; the original p_sample_loop runs every training step. Our
+            # schedulers choose their own default (LDMDDPMScheduler: every training step).
+            num_inference_steps = self.scheduler.config.num_train_timesteps
+        elif (
+            not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1
+        ):
+            raise ValueError(f"num_inference_steps: expected a positive int or None, got {num_inference_steps!r}")
+        kwargs = {"device": device} if "device" in params else {}
+        if num_inference_steps is None:
+            self.scheduler.set_timesteps(**kwargs)
+        else:
+            self.scheduler.set_timesteps(num_inference_steps, **kwargs)
+
+    def _step_kwargs(self, eta: float, generator, variance_noise) -> dict:
+        params = inspect.signature(self.scheduler.step).parameters
+        name = type(self.scheduler).__name__
+        kwargs = {}
+        if "eta" in params:
+            kwargs["eta"] = eta
+        elif eta:
+            raise ValueError(f"eta: {name}.step takes no eta (use a DDIM scheduler for eta={eta})")
+        if "generator" in params:
+            kwargs["generator"] = generator
+        if variance_noise is not None and "variance_noise" not in params:
+            raise ValueError(f"variance_noise: {name}.step takes no variance_noise")
+        return kwargs
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int = 1,
+        num_inference_steps: int | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        eta: float = 0.0,
+        encoder_hidden_states: torch.Tensor | None = None,
+        class_labels: torch.Tensor | Sequence[int] | None = None,
+        concat: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        return_intermediates: bool = False,
+        *,
+        log_every_t: int | None = None,
+        variance_noise: Sequence[torch.Tensor] | None = None,
+    ) -> LDMCompatPipelineOutput | tuple:
+        r"""Draw samples.
+
+        Args:
+            batch_size: number of samples. When left at 1, a batch carried by ``latents`` or the conditioning is
+                used; conditioning with batch 1 is broadcast.
+            num_inference_steps: sampler steps. ``None``: the scheduler's default — every training step for
+                ``LDMDDPMScheduler`` (the original ``p_sample_loop``); ``num_train_timesteps`` for schedulers that
+                need a number.
+            generator: ``torch.Generator`` (or one per sample) for the initial noise and the scheduler's noise.
+            latents: the initial noise ``x_T`` (``(B, channels, H, W)``); drawn from ``generator`` when ``None``.
+                Multiplied by ``scheduler.init_noise_sigma`` (1 for DDPM/DDIM) like diffusers pipelines do.
+            eta: DDIM ``eta`` (schedulers whose ``step`` takes ``eta``); nonzero for another scheduler is an error.
+            encoder_hidden_states: cross-attention context ``(B, tokens, context_dim)`` — the original
+                ``c_crossattn`` (already concatenated along tokens) for ``crossattn``/``hybrid``/``*-adm`` models.
+            class_labels: class labels ``(B,)`` — the original ``y`` / ``c_adm`` for ``adm`` models (a
+                ``(B, adm_in_channels)`` tensor when the UNet's ``num_classes`` is ``"sequential"``).
+            concat: ``(B, C_concat, H, W)`` — the original ``c_concat``, concatenated to the sample along channels
+                before every UNet call (``concat``/``hybrid`` models).
+            output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"`` (raw samples; see the output class).
+            return_dict: return a ``LDMCompatPipelineOutput`` instead of a tuple.
+            return_intermediates: also return the original ``intermediates`` (see the output class).
+            log_every_t: spacing of the intermediates; default: the scheduler config's ``log_every_t`` (the
+                original ``DDPM`` setting), else 100.
+            variance_noise: optional list with one noise tensor per step, handed to ``scheduler.step`` instead of
+                noise from ``generator`` — to replay a recorded chain (e.g. the original sampler's noise).
+
+        Returns:
+            ``LDMCompatPipelineOutput``, or ``(images,)`` / ``(images, intermediates)`` when ``return_dict=False``.
+        """
+        check_output_type(output_type)
+        batch = infer_batch_size(batch_size, latents, encoder_hidden_states, class_labels, concat)
+        shape = self.sample_shape
+        device, dtype = self._execution_device, self.unet.dtype
+        cond = prepare_conditioning(
+            self.config.conditioning_key,
+            self.unet.config,
+            batch_size=batch,
+            sample_shape=shape,
+            encoder_hidden_states=encoder_hidden_states,
+            class_labels=class_labels,
+            concat=concat,
+            device=device,
+            dtype=dtype,
+        )
+        if log_every_t is None:
+            log_every_t = self.scheduler.config.get("log_every_t", None) or DEFAULT_LOG_EVERY_T
+        if not isinstance(log_every_t, int) or log_every_t < 1:
+            raise ValueError(f"log_every_t: expected a positive int, got {log_every_t!r}")
+
+        if latents is None:
+            latents = randn_tensor((batch, *shape), generator=generator, device=device, dtype=dtype)
+        elif tuple(latents.shape) != (batch, *shape):
+            raise ValueError(f"latents: expected shape {(batch, *shape)}, got {tuple(latents.shape)}")
+        else:
+            latents = latents.to(device=device, dtype=dtype)
+
+        self._set_timesteps(num_inference_steps, device)
+        timesteps = self.scheduler.timesteps
+        num_steps = len(timesteps)
+        step_kwargs = self._step_kwargs(eta, generator, variance_noise)
+        if variance_noise is not None and len(variance_noise) != num_steps:
+            raise ValueError(f"variance_noise: expected one tensor per step ({num_steps}), got {len(variance_noise)}")
+
+        sample = latents * self.scheduler.init_noise_sigma
+        intermediates, pred_intermediates, logged_t = [], [], []
+        if return_intermediates:
+            intermediates.append(sample)
+            pred_intermediates.append(sample)
+            logged_t.append(None)
+        have_pred = True
+        for k, t in enumerate(self.progress_bar(timesteps)):
+            model_input = self.scheduler.scale_model_input(sample, t)
+            if cond.concat is not None:
+                model_input = torch.cat([model_input, cond.concat], dim=1)
+            t_batch = (
+                t.to(device).reshape(-1).expand(batch) if torch.is_tensor(t) else torch.full((batch,), t, device=device)
+            )
+            model_output = self.unet(model_input, t_batch, **cond.unet_kwargs).sample
+            if variance_noise is not None:
+                step_kwargs["variance_noise"] = variance_noise[k].to(device=device, dtype=sample.dtype)
+            out = self.scheduler.step(model_output, t, sample, **step_kwargs)
+            sample = out.prev_sample
+            index = num_steps - 1 - k  # the original counts steps down; for the full chain it equals t
+            if return_intermediates and (index % log_every_t == 0 or index == num_steps - 1):
+                intermediates.append(sample)
+                pred = getattr(out, "pred_original_sample", None)
+                have_pred = have_pred and pred is not None
+                pred_intermediates.append(pred)
+                logged_t.append(int(t))
+
+        images = postprocess(sample, output_type)
+        result = {"images": images}
+        if return_intermediates:
+            result["intermediates"] = [postprocess(x, output_type) for x in intermediates]
+            result["pred_original_intermediates"] = (
+                [postprocess(x, output_type) for x in pred_intermediates] if have_pred else None
+            )
+            result["intermediate_timesteps"] = logged_t
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images, result["intermediates"]) if return_intermediates else (images,)
+        return LDMCompatPipelineOutput(**result)
+
+    # ------------------------------------------------------------------------------------------------ saving / loading
+    @classmethod
+    def download(cls, pretrained_model_name, **kwargs) -> str:
+        """Download a Hub repo for ``from_pretrained`` (diffusers' own ``download`` refuses our components).
+
+        See ``ldm_compat.pipelines.folder.download``; huggingface/diffusers#5553 explains why this override exists.
+        """
+        return folder_format.download(pretrained_model_name, **kwargs)
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        max_shard_size: int | str | None = None,
+        push_to_hub: bool = False,
+        **kwargs,
+    ) -> None:
+        """Write the pipeline folder (see ``ldm_compat.pipelines.folder``); safetensors only.
+
+        ``model_index.json`` names ``DDPMPipeline`` when a stock ``DDPMPipeline`` samples this model identically, so
+        ``DiffusionPipeline.from_pretrained(folder)`` works without importing ``ldm_compat``. With
+        ``push_to_hub=True`` the folder is then pushed with ``ldm_compat.hub.push_folder`` (``repo_id`` defaults to
+        the folder name; ``token``, ``private``, ``commit_message``, ``create_pr`` are passed on).
+        """
+        if not safe_serialization:
+            raise ValueError("safe_serialization=False: ldm_compat folders hold safetensors weights only")
+        push_options = {
+            k: kwargs.pop(k) for k in ("repo_id", "token", "private", "commit_message", "create_pr") if k in kwargs
+        }
+        super().save_pretrained(
+            save_directory, safe_serialization=True, variant=variant, max_shard_size=max_shard_size, **kwargs
+        )
+        folder_format.rewrite_model_index(save_directory, stock=self.runs_as_stock_ddpm)
+        if push_to_hub:
+            from ldm_compat.hub import push_folder
+
+            repo_id = push_options.pop("repo_id", None) or Path(save_directory).resolve().name
+            push_folder(save_directory, repo_id, **push_options)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | None = None,
+        create_pr: bool = False,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        *,
+        revision: str | None = None,
+        license: str | None = None,
+        training: dict | None = None,
+        original_config: dict | str | None = None,
+        model_description: str | None = None,
+        samples=None,
+    ):
+        """Save the pipeline to a temporary folder and push it with a model card (``ldm_compat.hub.push_folder``).
+
+        ``training`` (facts for the card: steps, data, hardware, EMA, …) and ``original_config`` (the original YAML
+        as text or a mapping) are stored in ``ldm_extras/`` and shown on the card; ``samples`` (PIL images) become
+        the card's ``sample_grid.png``. Returns the commit info (a ``str`` URL subclass) of the upload.
+        """
+        from ldm_compat.hub import push_folder, write_card_extras
+
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp, safe_serialization=safe_serialization, variant=variant)
+            write_card_extras(tmp, training=training, original_config=original_config, samples=samples)
+            return push_folder(
+                tmp,
+                repo_id,
+                token=token,
+                private=private,
+                commit_message=commit_message,
+                create_pr=create_pr,
+                revision=revision,
+                license=license,
+                model_description=model_description,
+            )
