@@ -25,6 +25,22 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", default="demo_output", help="folder for everything the demo writes")
 
 
+@command("push", "upload a pipeline folder to the Hugging Face Hub with a model card", "ldm_compat.hub.push:run")
+def _push_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("folder", metavar="DIR", help="pipeline folder (model_index.json, unet/, scheduler/, ldm_extras/)")
+    p.add_argument("repo_id", metavar="REPO_ID", help="'name' or 'namespace/name' on the Hub")
+    p.add_argument("--token", default=None, help="Hub token (default: the stored login / HF_TOKEN)")
+    p.add_argument("--private", action="store_true", default=None, help="create the repo as private")
+    p.add_argument("--revision", default=None, help="branch to push to (default: main)")
+    p.add_argument("--message", default=None, help="commit message")
+    p.add_argument("--create-pr", action="store_true", help="open a pull request instead of pushing to the branch")
+    p.add_argument("--license", default=None, help="license for the card metadata, e.g. mit, openrail")
+    p.add_argument("--training", default=None, help="JSON object of training facts for the card (steps, data, …)")
+    p.add_argument("--samples", type=int, default=0, help="sample N images into DIR/sample_grid.png for the card")
+    p.add_argument("--num-inference-steps", type=int, default=None, help="sampler steps for --samples")
+    p.add_argument("--seed", type=int, default=0, help="seed for --samples")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ldm_compat import __version__
 

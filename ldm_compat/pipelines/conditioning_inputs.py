@@ -131,6 +131,12 @@ def prepare_conditioning(
         if given[name] and not needed[name]:
             raise ValueError(f"{name}: this model (conditioning_key={key!r}) takes no {name}")
 
+    num_classes = _cfg(unet_config, "num_classes", "num_class_embeds")
+    if num_classes is not None and key not in _NEEDS_LABELS:
+        raise ValueError(
+            f"conditioning_key: {key!r} passes no class labels, but the UNet is class-conditional "
+            f"(num_classes={num_classes!r}); the original routes them only for 'adm', 'crossattn-adm', 'hybrid-adm'"
+        )
     kwargs: dict = {}
     channels, height, width = sample_shape
     if needed["encoder_hidden_states"]:
