@@ -17,17 +17,19 @@ from torch import nn
 class GroupNorm32(nn.GroupNorm):
     """``normalization(channels)`` of the original: ``GroupNorm(32, channels)`` (eps 1e-5) computed in float32.
 
-    The original upcasts every input and casts the result back; for a float32 input both casts are no-ops, so the
-    float32 case costs nothing extra.
+    The original upcasts every input to float32 and casts the result back to the input's dtype.
     """
 
     def __init__(self, num_channels: int):
         super().__init__(32, num_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # ``.float()`` returns ``x`` itself for float32 input; the cast back is skipped when the dtype already matches
-        # (under autocast F.group_norm may return another dtype, which the original's ``.type(x.dtype)`` undoes).
-        out = F.group_norm(x.float(), self.num_groups, self.weight, self.bias, self.eps)
+        # Half inputs are normalised in float32; float32 (and float64, where the original's ``.float()`` would
+        # only break a double model) is used as is, so the float32 case costs nothing extra. The cast back is
+        # skipped when the dtype already matches (under autocast F.group_norm may return another dtype, which the
+        # original's ``.type(x.dtype)`` undoes).
+        xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        out = F.group_norm(xf, self.num_groups, self.weight, self.bias, self.eps)
         return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
