@@ -106,19 +106,24 @@ class LDMDDIMScheduler(LDMScheduleMixin, SchedulerMixin, ConfigMixin):
             a_t = ac[steps]
             a_prev = self._buffers["alphas_cumprod_prev"][steps]
             sqrt_one_minus = self._buffers["sqrt_one_minus_alphas_cumprod"][steps]
-            # ddim_sigmas_for_original_num_steps: float32 arithmetic on the float32 buffers
-            sigma_unit = torch.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
+            # ddim_sigmas_for_original_num_steps: float32 torch arithmetic on the whole float32 buffers (torch's
+            # vectorised float32 sqrt is not always correctly rounded, so it must see the same tensor as originally)
+            acp = self._buffers["alphas_cumprod_prev"]
+            sigma_unit = torch.sqrt((1 - acp) / (1 - ac) * (1 - ac / acp))[steps]
         else:
             steps = make_ddim_timesteps(self.config.ddim_discretize, num_inference_steps, T)
             a_t = ac[steps]
             # the original's alphas_prev: ᾱ[0] first, then the previous grid points — as float64 numbers
             a_prev64 = np.asarray([float(ac[0])] + ac[steps[:-1]].tolist(), dtype=np.float64)
             a_t64 = a_t.double().numpy()
-            # as the original's mixed numpy/torch expression: 1 - ᾱ_t is a float32 subtraction, the rest float64
-            one_minus_a_t = (1 - a_t).double().numpy()
-            sigma_unit = torch.from_numpy(np.sqrt((1 - a_prev64) / one_minus_a_t * (1 - a_t64 / a_prev64)))
+            # as the original's mixed numpy/torch expression `(1 - ᾱ_prev) / (1 - ᾱ_t)`: a float64 array divided by a
+            # float32 tensor runs Tensor.__rtruediv__, i.e. a float32 reciprocal (torch's, on the same vector)
+            # times the float64 array; the rest is float64, the sqrt numpy's
+            reciprocal = (1 - a_t).reciprocal().double().numpy()
+            sigma_unit = torch.from_numpy(np.sqrt((1 - a_prev64) * reciprocal * (1 - a_t64 / a_prev64)))
             a_prev = torch.from_numpy(a_prev64).float()
-            sqrt_one_minus = (1.0 - a_t).sqrt()  # np.sqrt(1. - ddim_alphas) in float32
+            # np.sqrt(1. - ddim_alphas): a correctly rounded float32 sqrt (= float64 sqrt rounded to float32)
+            sqrt_one_minus = torch.from_numpy(np.sqrt((1.0 - a_t).double().numpy())).float()
             steps, a_t, a_prev, sqrt_one_minus, sigma_unit = (
                 steps[::-1].copy(),
                 a_t.flip(0),
@@ -179,10 +184,17 @@ class LDMDDIMScheduler(LDMScheduleMixin, SchedulerMixin, ConfigMixin):
         t = as_timestep_tensor(timestep, x.shape[0], self.config.num_train_timesteps, x.device)
         i = self._position(t)
         p = self._step_params
-        a_t = p["a_t"][i].to(x.device, cdtype)
-        a_prev = p["a_prev"][i].to(x.device, cdtype)
-        sqrt_one_minus_at = p["sqrt_one_minus_at"][i].to(x.device, cdtype)
-        sigma_t = (eta * p["sigma"][i]).to(x.device, cdtype)  # float64 product for the grid, float32 otherwise
+        # (batch, 1, …, 1) tensors as the original's torch.full: a 0-d divisor would let torch turn the division
+        # into a multiplication by the reciprocal, which rounds differently
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+
+        def full(value: torch.Tensor) -> torch.Tensor:
+            return value.to(x.device, cdtype).expand(shape).contiguous()
+
+        a_t = full(p["a_t"][i])
+        a_prev = full(p["a_prev"][i])
+        sqrt_one_minus_at = full(p["sqrt_one_minus_at"][i])
+        sigma_t = full(eta * p["sigma"][i])  # float64 product for the grid, float32 otherwise
 
         kind = self.config.prediction_type
         if kind == "v_prediction":
