@@ -113,9 +113,10 @@ class DDPMObjective(ModelMixin, ConfigMixin):
             raise ValueError(f"loss_type={loss_type!r}: expected one of {LOSS_TYPES}")
         if parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"parameterization={parameterization!r}: expected one of {PARAMETERIZATIONS}")
-        from ldm_compat.models.conditioning import check_conditioning_key
+        from ldm_compat.models.conditioning import CONDITIONING_KEYS
 
-        check_conditioning_key(conditioning_key)
+        if conditioning_key not in CONDITIONING_KEYS:
+            raise ValueError(f"conditioning_key={conditioning_key!r}: expected one of {CONDITIONING_KEYS}")
         self.scheduler = self._build_scheduler()
         buffers = self.scheduler.ldm_buffers()
         num_timesteps = buffers["betas"].shape[0]
