@@ -189,6 +189,16 @@ def test_update_is_fused(monkeypatch):
     ema = LitEmaModel(model)
     ema.step(model)
     assert calls == [1]  # one call over all 20 parameters, not one per parameter
+    chunked = LitEmaModel(nn.Sequential(*[nn.Linear(3, 3) for _ in range(10)]))
+    chunked.shadow_params = [s.clone() for s in ema.shadow_params]
+    chunked.num_updates = ema.num_updates
+    chunked.chunk_elements = 24  # a Linear(3, 3) has 9 + 3 elements: chunks of 4 tensors
+    calls.clear()
+    _load(model, _random_steps(model, 1)[0])
+    ema.step(model)
+    chunked.step(model)
+    assert len(calls) == 1 + 5  # the unchunked EMA, then five chunks
+    assert all(torch.equal(a, b) for a, b in zip(ema.shadow_params, chunked.shadow_params))
 
 
 # ---------------------------------------------------------------------------------------------- original buffers
