@@ -41,6 +41,33 @@ def _push_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for --samples")
 
 
+@command(
+    "convert", "original .ckpt/.safetensors (+ YAML) → diffusers pipeline folder", "ldm_compat.convert.cli:convert"
+)
+def _convert_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", metavar="ORIGINAL", help="original .ckpt (read with weights_only) or .safetensors")
+    p.add_argument("--config", default=None, help="the original YAML (default: infer the UNet config from weights)")
+    p.add_argument("--output", required=True, metavar="DIR", help="pipeline folder to write (atomically)")
+    p.add_argument("--no-ema", action="store_true", help="sample with the training weights and drop the EMA")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--schedule-mismatch", choices=["error", "trained_betas"], default="error",
+                   help="schedule buffers differ from the config: refuse, or use the checkpoint's betas")  # fmt: skip
+    p.add_argument("--num-heads", type=int, default=None, help="without --config: attention heads (not in weights)")
+    p.add_argument("--num-head-channels", type=int, default=None, help="without --config: channels per head")
+    p.add_argument("--use-new-attention-order", action="store_true", help="without --config: qkv split order")
+    p.add_argument("--image-size", type=int, default=None, help="without --config: sample size")
+    p.add_argument("--native", action="store_true",
+                   help="also write a stock diffusers UNet2DModel/UNet2DConditionModel in DIR/native_unet")  # fmt: skip
+
+
+@command("export", "diffusers pipeline folder → original .ckpt/.safetensors (+ YAML)", "ldm_compat.convert.cli:export")
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("folder", metavar="DIR", help="pipeline folder written by convert or by training")
+    p.add_argument("--output", required=True, metavar="ORIGINAL", help="output .ckpt or .safetensors")
+    p.add_argument("--config-output", default=None, metavar="YAML", help="also write the original YAML")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ldm_compat import __version__
 

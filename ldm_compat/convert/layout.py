@@ -99,3 +99,13 @@ def strip_model_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torc
                 out[key[len(prefix) :]] = value
                 break
     return out
+
+
+def ema_buffer_name(param_name: str) -> str:
+    """LitEma's buffer name for a UNet parameter: the DiffusionWrapper path with every dot removed."""
+    return (WRAPPER_PREFIX + param_name).replace(".", "")
+
+
+def ema_shadow_map(param_names) -> dict[str, str]:
+    """UNet parameter name → LitEma buffer name, built forwards from the names (LitEma names are not invertible)."""
+    return {name: ema_buffer_name(name) for name in param_names}
