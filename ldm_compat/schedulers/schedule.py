@@ -59,6 +59,11 @@ def make_beta_schedule(
     n_timestep = int(n_timestep)
     if n_timestep < 1:
         raise ValueError(f"timesteps={n_timestep}: expected a positive number of diffusion steps")
+    if schedule in ("linear", "sqrt") and min(linear_start, linear_end) < 0:
+        raise ValueError(
+            f"linear_start={linear_start}, linear_end={linear_end} (beta_start, beta_end): the {schedule!r} schedule "
+            "takes square roots, so both must be ≥ 0"
+        )
     if schedule == "linear":
         betas = torch.linspace(linear_start**0.5, linear_end**0.5, n_timestep, dtype=torch.float64) ** 2
     elif schedule == "cosine":
