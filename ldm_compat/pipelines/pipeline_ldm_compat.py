@@ -68,6 +68,29 @@ class LDMCompatPipeline(DiffusionPipeline):
         self.register_modules(unet=unet, scheduler=scheduler)
         self.register_to_config(conditioning_key=conditioning_key, image_size=image_size, channels=channels)
 
+    @classmethod
+    def from_ldm_config(cls, config) -> LDMCompatPipeline:
+        """A pipeline with freshly initialised weights from an original config (the whole YAML or ``model.params``).
+
+        Builds ``LDMUNetModel.from_ldm_config(unet_config)`` and ``LDMDDPMScheduler.from_ldm_config(params)`` and
+        takes ``conditioning_key``, ``image_size`` and ``channels`` with the original ``DDPM`` defaults (None, 256,
+        3). Load weights afterwards (``pipe.unet.load_original_state_dict(...)``) or use the conversion helpers.
+        """
+        from ldm_compat.config import model_params
+        from ldm_compat.models.unet_ldm import LDMUNetModel
+        from ldm_compat.schedulers.scheduling_ldm_ddpm import LDMDDPMScheduler
+
+        params = model_params(config)
+        if "unet_config" not in params:
+            raise ValueError("config: expected 'unet_config' in model.params (an original DDPM config)")
+        return cls(
+            LDMUNetModel.from_ldm_config(params["unet_config"]),
+            LDMDDPMScheduler.from_ldm_config(params),
+            conditioning_key=params.get("conditioning_key"),
+            image_size=int(params.get("image_size", 256)),
+            channels=int(params.get("channels", 3)),
+        )
+
     # ------------------------------------------------------------------------------------------------ shape
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -96,7 +119,7 @@ class LDMCompatPipeline(DiffusionPipeline):
             # diffusers schedulers need a count; the original p_sample_loop runs every training step. Our
             # schedulers choose their own default (LDMDDPMScheduler: every training step).
             num_inference_steps = self.scheduler.config.num_train_timesteps
-        elif (
+        elif num_inference_steps is not None and (
             not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1
         ):
             raise ValueError(f"num_inference_steps: expected a positive int or None, got {num_inference_steps!r}")
