@@ -141,7 +141,8 @@ def to_training_array(
         array = np.asarray(image, dtype=np.uint8)
         if flip:
             array = array[:, ::-1]
-        array = array.astype(np.float32) / 127.5 - 1.0
+        # float64 arithmetic, then float32, as the original ((image / 127.5 - 1.0).astype(np.float32))
+        array = (array / 127.5 - 1.0).astype(np.float32)
         return np.ascontiguousarray(array[..., None] if array.ndim == 2 else array)
 
     array = _array_to_unit(_array_hwc(np.asarray(image)), value_range)
