@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 
 from .ldm_config import check_prediction_type, resolve_schedule
@@ -205,8 +204,3 @@ class LDMScheduleMixin:
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
-
-
-def float64_alphas_cumprod(scheduler: LDMScheduleMixin) -> np.ndarray:
-    """The float64 ``alphas_cumprod`` the buffers were computed from (a copy)."""
-    return scheduler._alphas_cumprod64.copy()
