@@ -25,6 +25,17 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", default="demo_output", help="folder for everything the demo writes")
 
 
+@command("evaluate", "score generated digits (classifier, Fréchet distance)", "ldm_compat.evaluation.evaluate:run")
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", metavar="DIR", help="a pipeline folder (model_index.json) to sample, or a folder of images")
+    p.add_argument("--num-samples", type=int, default=256, help="images to sample (or to read) and score")
+    p.add_argument("--batch-size", type=int, default=64, help="images per pipeline call")
+    p.add_argument("--num-inference-steps", type=int, default=None, help="sampler steps (default: the scheduler's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling noise")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--output", default=None, help="also write the scores to this JSON file")
+
+
 @command("push", "upload a pipeline folder to the Hugging Face Hub with a model card", "ldm_compat.hub.push:run")
 def _push_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("folder", metavar="DIR", help="pipeline folder (model_index.json, unet/, scheduler/, ldm_extras/)")
