@@ -398,7 +398,7 @@ class Trainer:
 
     def save_outputs(self) -> dict[str, str]:
         """The diffusers folder (EMA weights for sampling, everything else kept) and, if asked, the original ckpt."""
-        from ldm_compat.convert.folder import write_training_folder
+        from ldm_compat.convert.training_folder import write_training_folder
 
         acc = self.accelerator
         outputs: dict[str, str] = {}

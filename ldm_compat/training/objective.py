@@ -83,7 +83,8 @@ class DDPMObjective(ModelMixin, ConfigMixin):
             used ``logvar`` in the loss. With a constant ``logvar`` of 0 both give the same loss.
         ldm_bug_compat: reproduce the original x0 ``lvlb_weights`` precedence bug (``2.*1 - ᾱ``).
         timesteps, beta_schedule, linear_start, linear_end, cosine_s, given_betas, v_posterior: the schedule, in
-            the original's names (see ``LDMDDPMScheduler.from_ldm_config``).
+            the original's names and with its defaults (see ``LDMDDPMScheduler.from_ldm_config``); ``timesteps``
+            defaults to 1000, or to the number of ``given_betas``.
     """
 
     config_name = "objective_config.json"
@@ -100,7 +101,7 @@ class DDPMObjective(ModelMixin, ConfigMixin):
         conditioning_key: str | None = None,
         logvar_weighting: bool | None = None,
         ldm_bug_compat: bool = False,
-        timesteps: int = 1000,
+        timesteps: int | None = None,
         beta_schedule: str = "linear",
         linear_start: float = 1e-4,
         linear_end: float = 2e-2,
@@ -139,7 +140,8 @@ class DDPMObjective(ModelMixin, ConfigMixin):
     def _build_scheduler(self):
         from ldm_compat.schedulers.scheduling_ldm_ddpm import LDMDDPMScheduler
 
-        return LDMDDPMScheduler.from_ldm_config({k: self.config[k] for k in SCHEDULE_KEYS + ("parameterization",)})
+        keys = SCHEDULE_KEYS + ("parameterization",)
+        return LDMDDPMScheduler.from_ldm_config({k: self.config[k] for k in keys if self.config[k] is not None})
 
     @classmethod
     def from_ldm_config(cls, params: Mapping, ldm_bug_compat: bool = False, **overrides) -> DDPMObjective:
