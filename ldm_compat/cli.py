@@ -23,6 +23,10 @@ def command(name: str, help: str, target: str):
 @command("demo", "run the offline demo end to end", "ldm_compat.demo:run")
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", default="demo_output", help="folder for everything the demo writes")
+    p.add_argument("--config", default=None, help="original-style YAML (default: configs/digits_ddpm.yaml)")
+    p.add_argument("--seed", type=int, default=23)
+    p.add_argument("--num-samples", type=int, default=256, help="samples drawn for the grid and the scores")
+    p.add_argument("overrides", nargs="*", help="OmegaConf dotlist overrides, e.g. lightning.trainer.max_steps=50")
 
 
 @command("evaluate", "score generated digits (classifier, Fréchet distance)", "ldm_compat.evaluation.evaluate:run")
