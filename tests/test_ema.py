@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 
 import numpy as np
@@ -183,12 +184,12 @@ def test_matches_litema_across_the_decay_cap():
 
 def test_update_is_fused(monkeypatch):
     calls = []
-    real = torch._foreach_sub
-    monkeypatch.setattr(torch, "_foreach_sub", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = torch._foreach_mul_
+    monkeypatch.setattr(torch, "_foreach_mul_", lambda *a, **k: calls.append(len(a[0])) or real(*a, **k))
     model = nn.Sequential(*[nn.Linear(3, 3) for _ in range(10)])
     ema = LitEmaModel(model)
     ema.step(model)
-    assert calls == [1]  # one call over all 20 parameters, not one per parameter
+    assert calls == [20]  # one call over all 20 parameters, not one per parameter
     chunked = LitEmaModel(nn.Sequential(*[nn.Linear(3, 3) for _ in range(10)]))
     chunked.shadow_params = [s.clone() for s in ema.shadow_params]
     chunked.num_updates = ema.num_updates
@@ -197,8 +198,26 @@ def test_update_is_fused(monkeypatch):
     _load(model, _random_steps(model, 1)[0])
     ema.step(model)
     chunked.step(model)
-    assert len(calls) == 1 + 5  # the unchunked EMA, then five chunks
+    assert calls == [20] + [4] * 5  # the unchunked EMA, then five chunks
     assert all(torch.equal(a, b) for a, b in zip(ema.shadow_params, chunked.shadow_params))
+
+
+@pytest.mark.parametrize("chunk_elements", [None, 1, 50])
+def test_every_update_path_matches_litema(chunk_elements):
+    """CPU workspace path (one dtype) and the allocating path (mixed float32/float64 shadows, as on accelerators)."""
+    for dtypes in ((torch.float32,) * 3, (torch.float32, torch.float64, torch.float32)):
+        model = _mlp()
+        for layer, dtype in zip(model, dtypes):
+            layer.to(dtype)
+        steps = _random_steps(model, 6, seed=5)
+        reference = _litema_reference(copy.deepcopy(model), 0.999, steps)
+        ema = LitEmaModel(model, decay=0.999)
+        ema.chunk_elements = chunk_elements
+        for weights, expected in zip(steps, reference):
+            _load(model, weights)
+            ema.step(model)
+            for shadow, name in zip(ema.shadow_params, expected):
+                assert shadow.dtype == expected[name].dtype and torch.equal(shadow, expected[name]), (dtypes, name)
 
 
 # ---------------------------------------------------------------------------------------------- original buffers
@@ -435,12 +454,9 @@ def test_ema_scope_reproduces_the_original_ema_outputs(name):
     unet.load_original_state_dict(case.state_dict)
     ema = LitEmaModel.from_original_state_dict(unet, case.state_dict)
     args = (case.io["x_noisy"], case.io["t"], case.io.get("context"), case.params.get("conditioning_key"))
-    with torch.no_grad():
-        plain = apply_model(unet, *args)
-        with ema.ema_scope(unet):
-            averaged = apply_model(unet, *args)
-        after = apply_model(unet, *args)
-    assert (plain - case.io["unet_out"]).abs().max().item() <= 1e-5
+    training = {n: p.detach().clone() for n, p in unet.named_parameters()}
+    with torch.no_grad(), ema.ema_scope(unet):
+        averaged = apply_model(unet, *args)
     assert (averaged - case.io["unet_out_ema"]).abs().max().item() <= 1e-5
     assert not torch.allclose(case.io["unet_out"], case.io["unet_out_ema"], atol=1e-3)  # the test can tell them apart
-    assert torch.equal(after, plain)
+    assert all(torch.equal(p, training[n]) for n, p in unet.named_parameters())  # training weights are back

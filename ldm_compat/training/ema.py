@@ -6,7 +6,7 @@ What is reproduced exactly (bit for bit with the default ``update="exact"``):
   counter ``n`` *after* it is incremented (diffusers' ``EMAModel`` default is one step behind: its first update copies);
   ``use_num_updates=False`` (the original's ``use_num_upates``, sic) keeps ``n = -1`` and the decay constant;
 - the update ``shadow -= (1 - decay) * (shadow - param)`` with LitEma's float32 roundings, fused over all parameters
-  (three ``torch._foreach_*`` calls, no per-parameter Python loop);
+  (``torch._foreach_*`` calls per chunk of parameters, no per-parameter Python loop; see ``ema_update``);
 - which parameters are tracked: those with ``requires_grad`` when the EMA is built (frozen ones get no shadow and are
   left alone by ``copy_to``), in ``named_parameters()`` order;
 - the original buffer names, ``model_ema.<parameter name with dots removed>`` plus ``model_ema.decay`` (float32, 0-d)
@@ -29,6 +29,8 @@ import torch
 from diffusers.training_utils import EMAModel
 from torch import nn
 
+from ldm_compat.training.ema_update import FusedEmaUpdate, as_float32, litema_decay, one_minus_float32
+
 logger = logging.getLogger(__name__)
 
 UPDATE_METHODS = ("exact", "lerp")
@@ -41,47 +43,6 @@ class OriginalEmaLoadResult(NamedTuple):
 
     missing_keys: list[str]
     unexpected_keys: list[str]
-
-
-def _as_float32(value: float) -> float:
-    """``value`` rounded to float32, as LitEma's ``decay`` buffer stores it (0.9999 -> 0.99989998...)."""
-    return float(torch.tensor(value, dtype=torch.float32))
-
-
-def litema_decay(decay: float, num_updates: int) -> float:
-    """The decay LitEma uses at counter value ``num_updates`` (already incremented), as a float32 value.
-
-    ``min(decay, (1 + n) / (10 + n))`` with an int32 ``n`` and float32 division, exactly as ``LitEma.forward``; a
-    negative ``n`` (``use_num_upates=False``) means a constant ``decay``.
-    """
-    decay_t = torch.tensor(decay, dtype=torch.float32)
-    if num_updates < 0:
-        return float(decay_t)
-    n = torch.tensor(num_updates, dtype=torch.int32)
-    warmup = (1 + n) / (10 + n)  # int32 / int32 -> float32 true division, as in the original
-    return float(warmup if warmup < decay_t else decay_t)  # Python's min(): the first argument on ties
-
-
-def _one_minus_float32(decay: float) -> float:
-    # LitEma: ``1.0 - decay`` with a float32 tensor, so the difference is rounded to float32 (matters while decay < 0.5)
-    return float(1.0 - torch.tensor(decay, dtype=torch.float32))
-
-
-# elements per fused chunk of the exact update: (accelerator, CPU); the CPU one fits a chunk's temporary in cache
-_DEFAULT_CHUNK = (1 << 26, 1 << 20)
-
-
-def _chunks(tensors: list[torch.Tensor], budget: int) -> list[tuple[int, int]]:
-    """Consecutive index ranges of ``tensors`` holding about ``budget`` elements each (at least one tensor)."""
-    bounds, start, total = [], 0, 0
-    for i, t in enumerate(tensors):
-        total += t.numel()
-        if total >= budget:
-            bounds.append((start, i + 1))
-            start, total = i + 1, 0
-    if start < len(tensors):
-        bounds.append((start, len(tensors)))
-    return bounds
 
 
 def _short_list(keys: list[str], limit: int = 8) -> str:
@@ -137,13 +98,14 @@ class LitEmaModel(EMAModel):
         if update not in UPDATE_METHODS:
             raise ValueError(f"LitEmaModel: update={update!r}, expected one of {UPDATE_METHODS}")
         super().__init__(
-            [], decay=_as_float32(decay), min_decay=0.0, update_after_step=-1, foreach=True,
+            [], decay=as_float32(decay), min_decay=0.0, update_after_step=-1, foreach=True,
             model_cls=model_cls, model_config=model_config,
         )  # fmt: skip
         self.use_num_updates = bool(use_num_updates)
         self.update = update
         self.ldm_bug_compat = bool(ldm_bug_compat)
-        self.chunk_elements: int | None = None  # None: per-device default (_DEFAULT_CHUNK); a speed knob only
+        self.chunk_elements: int | None = None  # None: the per-device default of ema_update; a speed knob only
+        self._fused_update = FusedEmaUpdate()
         self._track(model_or_parameters)
         self.num_updates = 0 if self.use_num_updates else -1
 
@@ -172,6 +134,7 @@ class LitEmaModel(EMAModel):
         with torch.no_grad():
             self.shadow_params = [self._make_shadow(p) for _, _, p in picked]
         self.temp_stored_params = None
+        self._fused_update.clear()
 
     def _resolve(self, model_or_parameters) -> list[torch.Tensor]:
         """The live parameters that correspond, one to one, to ``shadow_params``."""
@@ -241,7 +204,7 @@ class LitEmaModel(EMAModel):
             self.num_updates += 1
         decay = self.get_decay(self.num_updates)
         self.cur_decay_value = decay
-        one_minus_decay = _one_minus_float32(decay)
+        one_minus_decay = one_minus_float32(decay)
 
         if self.ldm_bug_compat:
             keep = [i for i, (s, p) in enumerate(zip(shadows, params)) if p.requires_grad and p.dtype == s.dtype]
@@ -255,18 +218,7 @@ class LitEmaModel(EMAModel):
             raise ValueError(
                 f"LitEmaModel: shadows are on {shadows[0].device}, parameters on {params[0].device}; call .to(device)"
             )
-        if self.update == "exact":
-            # LitEma's three roundings: d = s - p; d *= (1 - decay); s -= d  (a fused lerp would round once). The
-            # temporaries are made a chunk of parameters at a time: bounded memory, and on CPU a chunk stays in cache
-            # and its pages are reused (one model-sized temporary costs ~3x the update in page faults).
-            for lo, hi in _chunks(shadows, self.chunk_elements or _DEFAULT_CHUNK[shadows[0].device.type == "cpu"]):
-                diff = torch._foreach_sub(shadows[lo:hi], params[lo:hi])
-                torch._foreach_mul_(diff, one_minus_decay)
-                torch._foreach_sub_(shadows[lo:hi], diff)
-        elif all(s.dtype == p.dtype for s, p in zip(shadows, params)):
-            torch._foreach_lerp_(shadows, params, one_minus_decay)
-        else:  # lerp needs equal dtypes; a float32 shadow of a bf16 parameter takes the promoting path
-            torch._foreach_add_(shadows, torch._foreach_sub(params, shadows), alpha=one_minus_decay)
+        self._fused_update(shadows, params, one_minus_decay, self.update, self.chunk_elements)
 
     def __call__(self, model: nn.Module) -> None:
         """``ema(model)``, as the original ``LitEma`` module was called."""
@@ -375,7 +327,7 @@ class LitEmaModel(EMAModel):
                         f"expected {tuple(mine.shape)}"
                     )
         super().load_state_dict(state)  # validates and sets decay, optimization_step (= num_updates), ...
-        self.decay = _as_float32(self.decay)
+        self.decay = as_float32(self.decay)
         if "use_num_updates" in own:
             self.use_num_updates = bool(own["use_num_updates"])
         if "ldm_bug_compat" in own:
@@ -486,7 +438,7 @@ class LitEmaModel(EMAModel):
             decay = float(state_dict[scalars[0]])
             if not 0.0 <= decay <= 1.0:
                 raise ValueError(f"LitEmaModel.load_original_state_dict: {scalars[0]}={decay}, expected 0..1")
-            self.decay = _as_float32(decay)
+            self.decay = as_float32(decay)
         if scalars[1] in state_dict:
             self.num_updates = int(state_dict[scalars[1]])
             self.use_num_updates = self.num_updates >= 0
