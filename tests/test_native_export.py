@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -124,6 +125,16 @@ REFUSED = {
     ),
     "unknown_option": (dict(BASE, not_an_option=1), r"unknown UNetModel arguments \['not_an_option'\]"),
 }
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These models are tiny: a second intra-op thread only adds synchronisation (seconds per forward pass on a busy
+    2-core machine instead of milliseconds)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -326,6 +337,7 @@ def test_cli_convert_native_end_to_end(tmp_path):
         "with torch.no_grad():\n    out = unet(io['x_noisy'], io['t']).sample\n"
         "print((out - io['unet_out_ema']).abs().max().item())\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env)
     # the pipeline folder samples with the EMA weights, and so does the native UNet written from it
     assert float(result.stdout.strip().splitlines()[-1]) <= ATOL
