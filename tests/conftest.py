@@ -12,7 +12,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# one intra-op thread per test process: pytest-xdist runs one worker per core, and oversubscribed threads make
+# tiny models two orders of magnitude slower on a busy 2-core machine
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

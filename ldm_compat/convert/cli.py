@@ -6,6 +6,12 @@ from __future__ import annotations
 def convert(args) -> int:
     from ldm_compat.convert.to_diffusers import original_to_diffusers
 
+    if args.native and args.config:
+        # refuse an inexpressible config before writing anything
+        from ldm_compat.config import load_ldm_config, to_plain
+        from ldm_compat.convert.native import native_unet_config
+
+        native_unet_config(to_plain(load_ldm_config(args.config)).get("model", {})["params"]["unet_config"])
     unet_options = {
         "num_heads": args.num_heads,
         "num_head_channels": args.num_head_channels,
