@@ -153,7 +153,7 @@ def card_context(
     return {
         "repo_id": repo_id,
         "model_description": model_description,
-        "pipeline_class": index["_class_name"],
+        "pipeline_class": folder_format.pipeline_class_name(index),
         "scheduler_class": (index.get("scheduler") or [None, "?"])[1],
         "unet": {
             "class_name": (index.get("unet") or [None, "?"])[1],
@@ -175,7 +175,6 @@ def card_context(
         "sample_grid": folder_format.SAMPLE_GRID_FILE if (folder / folder_format.SAMPLE_GRID_FILE).is_file() else None,
         "license": license,
         "export_command": export_command or DEFAULT_EXPORT_COMMAND,
-        "loads_with_plain_diffusers": index["_class_name"] == folder_format.STOCK_CLASS_NAME,
         "datasets": [facts["dataset"]] if isinstance(facts.get("dataset"), str) else None,
     }
 

@@ -1,8 +1,9 @@
 """Pushing a pipeline folder to the Hugging Face Hub with a rendered model card (``ldm-compat push DIR REPO_ID``).
 
-Only the pipeline is uploaded — ``model_index.json``, the component folders it names, ``ldm_extras/`` and the
-sample grid — never training state (``checkpoint-*/``, optimizer files, logs, original ``.ckpt`` files) that a
-training output folder may also contain. Pickle-based weight files inside those paths are refused.
+Only the pipeline is uploaded — ``model_index.json``, the pipeline loader file, the component folders it names,
+``ldm_extras/`` and the sample grid — never training state (``checkpoint-*/``, optimizer files, logs, original
+``.ckpt`` files) that a training output folder may also contain. Pickle-based weight files inside those paths are
+refused, and so is any ``.py`` file that is not one of ldm_compat's loader files.
 """
 
 from __future__ import annotations
@@ -18,8 +19,11 @@ def files_to_push(folder: str | os.PathLike) -> list[str]:
     """Relative paths (POSIX) of the files ``push_folder`` uploads, besides the rendered ``README.md``."""
     folder = Path(folder)
     index = folder_format.read_model_index(folder)
+    folder_format.check_loader_files(folder)  # the only code a pushed folder may hold is our loader files
     roots = [*folder_format.component_folders(index), folder_format.EXTRAS_DIR]
     paths = [folder_format.MODEL_INDEX]
+    if isinstance(index["_class_name"], list) and (folder / f"{index['_class_name'][0]}.py").is_file():
+        paths.append(f"{index['_class_name'][0]}.py")
     if (folder / folder_format.SAMPLE_GRID_FILE).is_file():
         paths.append(folder_format.SAMPLE_GRID_FILE)
     for root in roots:

@@ -2,24 +2,36 @@
 
 A folder is a standard diffusers pipeline folder (every tensor in safetensors)::
 
-    model_index.json                     _class_name, components, and the pipeline config (see below)
-    unet/config.json                     LDMUNetModel config (the original unet_config params)
+    model_index.json                         _class_name, components, the pipeline config (see below)
+    ldm_compat_pipeline.py                   loader file (not for DDPMPipeline folders, see below)
+    unet/config.json                         LDMUNetModel config (the original unet_config params)
     unet/diffusion_pytorch_model.safetensors
-    scheduler/scheduler_config.json      LDMDDPMScheduler config
-    ldm_extras/                          reserved for ldm_compat (conversion/export, model card facts)
-    sample_grid.png                      reserved: the model card's sample image
-    README.md                            the model card (written when pushing)
+    unet/ldm_compat_LDMUNetModel.py          loader file
+    scheduler/scheduler_config.json          LDMDDPMScheduler config
+    scheduler/ldm_compat_LDMDDPMScheduler.py loader file
+    ldm_extras/                              reserved for ldm_compat (conversion/export, model card facts)
+    sample_grid.png                          reserved: the model card's sample image
+    README.md                                the model card (written when pushing)
+
+Loader files. diffusers (0.42) imports a component's class only from diffusers/transformers or from a module the
+caller has already imported — or from a ``<component>/<module>.py`` file in the folder when the caller passes
+``trust_remote_code=True``. Each loader file is one line, ``from ldm_compat.<module> import <Class>``, so plain
+``DiffusionPipeline.from_pretrained(folder_or_repo_id, trust_remote_code=True)`` works with only ``diffusers``
+imported (``ldm_compat`` must be installed), for local folders and Hub repos alike. ``LDMCompatPipeline.
+from_pretrained`` needs no flag: it checks that every ``.py`` file in the folder is exactly such a loader file
+before diffusers runs it (``check_loader_files``).
 
 ``_class_name`` is ``"DDPMPipeline"`` when a stock ``DDPMPipeline`` samples the model the same way (unconditional,
-sample shape = the UNet's ``sample_size`` × ``in_channels``), so ``DiffusionPipeline.from_pretrained(folder)`` works
-with only ``diffusers`` imported; otherwise it is ``"LDMCompatPipeline"``. ``LDMCompatPipeline.from_pretrained``
-ignores ``_class_name`` (diffusers uses the class it is called on), so it loads both.
+sample shape = the UNet's ``sample_size`` × ``in_channels``); otherwise ``["ldm_compat_pipeline",
+"LDMCompatPipeline"]`` (diffusers' notation for a pipeline class in a folder file). ``LDMCompatPipeline.
+from_pretrained`` loads both.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 MODEL_INDEX = "model_index.json"
@@ -32,13 +44,48 @@ MODEL_CARD_FILE = "README.md"
 #: pipeline-level config keys (``register_to_config`` on the pipeline), with the original ``DDPM`` names
 PIPELINE_CONFIG_KEYS = ("conditioning_key", "image_size", "channels")
 
-#: what ``LDMCompatPipeline.download`` fetches from a Hub repo: configs, safetensors weights and the extras
-DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", f"{EXTRAS_DIR}/*"]
+#: what ``LDMCompatPipeline.download`` fetches from a Hub repo: configs, safetensors weights, loader files, extras
+DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.py", f"{EXTRAS_DIR}/*"]
 
 #: weight formats that unpickle on load; never written, pushed or downloaded by ldm_compat
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
 
 STOCK_CLASS_NAME = "DDPMPipeline"
+PIPELINE_LOADER_MODULE = "ldm_compat_pipeline"
+LOADER_PREFIX = "ldm_compat_"
+
+_LOADER_HEADER = (
+    '"""Loader file written by ldm_compat. diffusers runs it (trust_remote_code=True) to find {name};\n'
+    'it only imports the installed ldm_compat package (pip install ldm_compat)."""\n\n'
+)
+_LOADER_LINE = re.compile(r"from (ldm_compat(?:\.[a-z_][a-z0-9_]*)+) import ([A-Za-z_][A-Za-z0-9_]*)  # noqa: F401\n\Z")
+
+
+def loader_text(module: str, name: str) -> str:
+    """The content of a loader file that re-exports ``module.name``."""
+    return _LOADER_HEADER.format(name=name) + f"from {module} import {name}  # noqa: F401\n"
+
+
+def check_loader_files(folder: str | os.PathLike) -> None:
+    """Raise ``ValueError`` unless every ``.py`` file in the folder is an ldm_compat loader file.
+
+    A loader file is exactly ``loader_text(module, name)`` with ``module`` inside the ``ldm_compat`` package, so
+    running it only imports installed ldm_compat code. This is what lets ``LDMCompatPipeline.from_pretrained`` pass
+    ``trust_remote_code=True`` to diffusers safely.
+    """
+    folder = Path(folder)
+    for path in sorted(folder.rglob("*.py")):
+        rel = path.relative_to(folder).as_posix()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            text = ""
+        match = _LOADER_LINE.search(text)
+        if match is None or text != loader_text(match.group(1), match.group(2)):
+            raise ValueError(
+                f"{rel}: not an ldm_compat loader file; refusing to run code from the folder "
+                "(load it with diffusers and trust_remote_code=True only if you trust it)"
+            )
 
 
 def runs_as_stock_ddpm(conditioning_key, image_size, channels, unet_config) -> bool:
@@ -57,20 +104,61 @@ def runs_as_stock_ddpm(conditioning_key, image_size, channels, unet_config) -> b
     return bool(size_ok and channels_ok)
 
 
-def rewrite_model_index(save_directory: str | os.PathLike, stock: bool) -> dict:
-    """Set ``_class_name`` in a freshly saved ``model_index.json``; for the stock name, drop the pipeline-only keys.
+def alias_loader_modules(folder: str | os.PathLike) -> None:
+    """Make the loader-file module names of a (checked) folder importable as the ldm_compat modules they re-export.
 
-    The dropped keys are all at their defaults in that case (``runs_as_stock_ddpm``), so nothing is lost, and
-    ``DDPMPipeline`` would otherwise be handed config keys it does not take.
+    diffusers resolves a component *passed* to ``from_pretrained`` (e.g. ``scheduler=...``) by importing the
+    library named in ``model_index.json`` from ``sys.modules``; for a loader file that is its module name. Call
+    ``check_loader_files`` first: only verified ``from ldm_compat.… import …`` lines are followed.
     """
-    path = Path(save_directory) / MODEL_INDEX
+    import importlib
+    import sys
+
+    folder = Path(folder)
+    index = read_model_index(folder)
+    for name in component_folders(index):
+        library = index[name][0]
+        path = folder / name / f"{library}.py"
+        if not library.startswith(LOADER_PREFIX) or library in sys.modules or not path.is_file():
+            continue
+        match = _LOADER_LINE.search(path.read_text(encoding="utf-8"))
+        if match is not None:
+            sys.modules[library] = importlib.import_module(match.group(1))
+
+
+def finalize_folder(save_directory: str | os.PathLike, pipeline_class: type, stock: bool) -> dict:
+    """Turn a folder freshly written by ``DiffusionPipeline.save_pretrained`` into the ldm_compat format.
+
+    Writes the loader files and points ``model_index.json`` at them; sets ``_class_name`` (``DDPMPipeline`` when
+    ``stock``, whose pipeline-only keys are then dropped: they are at their defaults, and ``DDPMPipeline`` takes none).
+    Components from other libraries (diffusers' own, or user code) are left as diffusers wrote them.
+    """
+    folder = Path(save_directory)
+    path = folder / MODEL_INDEX
     index = json.loads(path.read_text())
+    for name in component_folders(index):
+        library, class_name = index[name]
+        if library.startswith("ldm_compat."):
+            module = LOADER_PREFIX + class_name
+            (folder / name / f"{module}.py").write_text(loader_text(library, class_name))
+            index[name] = [module, class_name]
     if stock:
         index["_class_name"] = STOCK_CLASS_NAME
         for key in PIPELINE_CONFIG_KEYS:
             index.pop(key, None)
+    elif pipeline_class.__module__.startswith("ldm_compat."):
+        (folder / f"{PIPELINE_LOADER_MODULE}.py").write_text(
+            loader_text(pipeline_class.__module__, pipeline_class.__name__)
+        )
+        index["_class_name"] = [PIPELINE_LOADER_MODULE, pipeline_class.__name__]
     path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return index
+
+
+def pipeline_class_name(index: dict) -> str:
+    """The pipeline class named by ``model_index.json`` (``_class_name`` may be ``[module, class]``)."""
+    name = index["_class_name"]
+    return name[1] if isinstance(name, (list, tuple)) else name
 
 
 def read_model_index(folder: str | os.PathLike) -> dict:

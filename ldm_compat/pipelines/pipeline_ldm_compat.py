@@ -266,10 +266,37 @@ class LDMCompatPipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------------------------------------ saving / loading
     @classmethod
-    def download(cls, pretrained_model_name, **kwargs) -> str:
-        """Download a Hub repo for ``from_pretrained`` (diffusers' own ``download`` refuses our components).
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> LDMCompatPipeline:
+        """Load a pipeline folder or Hub repo written by ``save_pretrained`` (any conditioning).
 
-        See ``ldm_compat.pipelines.folder.download``; huggingface/diffusers#5553 explains why this override exists.
+        Accepts diffusers' ``from_pretrained`` keyword arguments. A repo id is downloaded with ``download`` (diffusers'
+        own download refuses our components: huggingface/diffusers#5553). The folder's loader files are checked to
+        be ldm_compat's own (``folder.check_loader_files``) before diffusers runs them, so no ``trust_remote_code``
+        is needed here. Folders that name our component modules directly load too.
+        """
+        # make our component modules importable by name (diffusers resolves non-diffusers libraries from
+        # sys.modules only); covers folders whose model_index.json names the modules instead of loader files
+        import ldm_compat.models.unet_ldm  # noqa: F401
+        import ldm_compat.schedulers  # noqa: F401
+
+        if kwargs.get("custom_pipeline") is not None:
+            raise ValueError("custom_pipeline: not supported by LDMCompatPipeline.from_pretrained (it is the pipeline)")
+        path = os.fspath(pretrained_model_name_or_path)
+        if not os.path.isdir(path):
+            path = cls.download(path, **kwargs)
+        folder_format.check_loader_files(path)
+        folder_format.alias_loader_modules(path)  # for components passed as keyword arguments
+        kwargs["trust_remote_code"] = True
+        pipe = super().from_pretrained(path, **kwargs)
+        if path != os.fspath(pretrained_model_name_or_path):
+            pipe.register_to_config(_name_or_path=os.fspath(pretrained_model_name_or_path))
+        return pipe
+
+    @classmethod
+    def download(cls, pretrained_model_name, **kwargs) -> str:
+        """Download a Hub repo (configs, safetensors weights, loader files, ``ldm_extras/``); returns the folder.
+
+        See ``ldm_compat.pipelines.folder.download``.
         """
         return folder_format.download(pretrained_model_name, **kwargs)
 
@@ -284,8 +311,9 @@ class LDMCompatPipeline(DiffusionPipeline):
     ) -> None:
         """Write the pipeline folder (see ``ldm_compat.pipelines.folder``); safetensors only.
 
-        ``model_index.json`` names ``DDPMPipeline`` when a stock ``DDPMPipeline`` samples this model identically, so
-        ``DiffusionPipeline.from_pretrained(folder)`` works without importing ``ldm_compat``. With
+        ``model_index.json`` names ``DDPMPipeline`` when a stock ``DDPMPipeline`` samples this model identically;
+        loader files let plain ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` load any
+        folder without importing ``ldm_compat``. With
         ``push_to_hub=True`` the folder is then pushed with ``ldm_compat.hub.push_folder`` (``repo_id`` defaults to
         the folder name; ``token``, ``private``, ``commit_message``, ``create_pr`` are passed on).
         """
@@ -297,7 +325,7 @@ class LDMCompatPipeline(DiffusionPipeline):
         super().save_pretrained(
             save_directory, safe_serialization=True, variant=variant, max_shard_size=max_shard_size, **kwargs
         )
-        folder_format.rewrite_model_index(save_directory, stock=self.runs_as_stock_ddpm)
+        folder_format.finalize_folder(save_directory, type(self), stock=self.runs_as_stock_ddpm)
         if push_to_hub:
             from ldm_compat.hub import push_folder
 
