@@ -202,3 +202,13 @@ def test_plain_diffusers_loading_in_a_fresh_interpreter(tmp_path):
     ).images
     # another process: the same computation up to float32 kernel choices (seen: 1 ulp in the attention path)
     assert (torch.load(tmp_path / "cond.pt") - ours).abs().max().item() <= 1e-5
+
+
+def test_swapped_scheduler_is_saved_and_loaded(tmp_path):
+    pipe = case_pipeline("ddpm_eps_linear")
+    pipe.scheduler = LDMDDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.save_pretrained(tmp_path)
+    assert (tmp_path / "scheduler" / "ldm_compat_LDMDDIMScheduler.py").is_file()
+    loaded = LDMCompatPipeline.from_pretrained(tmp_path)
+    assert type(loaded.scheduler) is LDMDDIMScheduler
+    assert loaded.scheduler.config.num_train_timesteps == pipe.scheduler.config.num_train_timesteps
