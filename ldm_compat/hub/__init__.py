@@ -4,7 +4,7 @@ See ``docs/pipelines.md`` ("Pushing to the Hub").
 """
 
 from ldm_compat.hub.model_card import card_context, render_model_card, sample_grid, template_text, write_card_extras
-from ldm_compat.hub.push import files_to_push, push_folder
+from ldm_compat.hub.push import files_to_push, push_folder, write_sample_grid
 
 __all__ = [
     "card_context",
@@ -14,4 +14,5 @@ __all__ = [
     "sample_grid",
     "template_text",
     "write_card_extras",
+    "write_sample_grid",
 ]

@@ -103,7 +103,7 @@ def run(args) -> int:
     if training is not None and not isinstance(training, dict):
         raise ValueError('--training: expected a JSON object, e.g. \'{"steps": 10000, "hardware": "1x A100"}\'')
     if args.samples:
-        _write_samples(folder, args)
+        write_sample_grid(folder, args.samples, args.num_inference_steps, args.seed)
     info = push_folder(
         folder,
         args.repo_id,
@@ -119,16 +119,25 @@ def run(args) -> int:
     return 0
 
 
-def _write_samples(folder: Path, args) -> None:
-    """Sample ``args.samples`` images with the folder's pipeline and store them as the card's sample grid."""
+def write_sample_grid(
+    folder: str | os.PathLike, num_samples: int, num_inference_steps: int | None = None, seed: int = 0
+) -> Path:
+    """Sample ``num_samples`` images with the folder's pipeline and store them as the card's ``sample_grid.png``.
+
+    Only unconditional models (conditioning inputs cannot be invented). Returns the grid's path.
+    """
     import torch
 
     from ldm_compat.hub.model_card import write_card_extras
     from ldm_compat.pipelines import LDMCompatPipeline
 
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"--samples: expected a positive number of images, got {num_samples!r}")
     pipe = LDMCompatPipeline.from_pretrained(folder)
     if pipe.config.conditioning_key is not None:
         raise ValueError("--samples: only unconditional models can be sampled without conditioning inputs")
-    generator = torch.Generator(device="cpu").manual_seed(args.seed)
-    images = pipe(batch_size=args.samples, num_inference_steps=args.num_inference_steps, generator=generator).images
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    images = pipe(batch_size=num_samples, num_inference_steps=num_inference_steps, generator=generator).images
     write_card_extras(folder, samples=images)
+    return Path(folder) / folder_format.SAMPLE_GRID_FILE
