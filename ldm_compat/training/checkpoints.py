@@ -1,7 +1,9 @@
 """Training checkpoints on disk: atomic ``checkpoint-<step>`` folders, ``latest`` lookup, total-limit pruning.
 
 A checkpoint is written into a hidden temporary folder beside its final name, fsynced, then renamed; a run killed
-mid-write leaves only the temporary folder, which ``latest`` never picks and the next save removes.
+mid-write leaves only the temporary folder, which ``latest`` never picks and the next save removes. A folder being
+replaced or pruned is first renamed to a hidden name and only then deleted, so no visible ``checkpoint-<step>`` is ever
+half-deleted. Before a resume, every pickle in the folder is checked for code it would run (``resolve_checkpoint``).
 """
 
 from __future__ import annotations
@@ -9,11 +11,19 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from ldm_compat.convert.checkpoint_io import CheckpointError
+
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 _TMP_PREFIX = ".tmp-checkpoint-"
+_OLD_PREFIX = ".old-checkpoint-"
+# what Accelerate's random_states_<i>.pkl legitimately needs besides tensors: numpy arrays (the numpy RNG state)
+_SAFE_NUMPY_GLOBALS = frozenset(
+    {"numpy.dtype", "numpy.ndarray", "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct"}
+)
 
 
 def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
@@ -29,11 +39,35 @@ def resolve_checkpoint(spec: str, directory: str | os.PathLike) -> Path | None:
     """``latest`` → the newest complete checkpoint (None when there is none); a path → that folder, checked."""
     if spec == "latest":
         found = list_checkpoints(directory)
-        return found[-1] if found else None
-    path = Path(spec)
-    if not path.is_dir():
-        raise FileNotFoundError(f"--resume_from_checkpoint {spec}: no such checkpoint folder")
+        if not found:
+            return None
+        path = found[-1]
+    else:
+        path = Path(spec)
+        if not path.is_dir():
+            raise FileNotFoundError(f"--resume_from_checkpoint {spec}: no such checkpoint folder")
+    check_pickles(path)
     return path
+
+
+def check_pickles(folder: str | os.PathLike) -> None:
+    """Refuse a checkpoint folder whose pickles would run code when loaded (Accelerate loads some of them with
+    ``weights_only=False``). Only the pickles' global references are read; nothing is unpickled."""
+    from torch.serialization import get_unsafe_globals_in_checkpoint
+
+    for path in sorted(Path(folder).iterdir()):
+        if not path.is_file() or path.suffix not in (".pkl", ".bin", ".pt", ".pth"):
+            continue
+        try:
+            needed = get_unsafe_globals_in_checkpoint(str(path))
+        except Exception as err:  # not a zip-format torch file, truncated, …
+            raise CheckpointError(f"{path}: unreadable checkpoint file ({type(err).__name__}: {err})") from None
+        unsafe = [name for name in needed if name not in _SAFE_NUMPY_GLOBALS and not name.startswith("numpy.dtypes.")]
+        if unsafe:
+            raise CheckpointError(
+                f"{path}: refused — loading it would run code ({', '.join(unsafe[:3])}); resume only from "
+                "checkpoints written by training"
+            )
 
 
 def _fsync_tree(root: Path) -> None:
@@ -42,28 +76,41 @@ def _fsync_tree(root: Path) -> None:
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
     for path in [root, root.parent]:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_checkpoint(directory: str | os.PathLike, step: int, save: Callable[[str], None], total_limit=None) -> Path:
     """Call ``save(tmp_dir)``, then atomically publish it as ``directory/checkpoint-<step>``; prune old ones."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    for stale in directory.glob(_TMP_PREFIX + "*"):
+    for stale in [*directory.glob(_TMP_PREFIX + "*"), *directory.glob(_OLD_PREFIX + "*")]:
         shutil.rmtree(stale, ignore_errors=True)
     final = directory / f"checkpoint-{step}"
     tmp = directory / f"{_TMP_PREFIX}{step}"
     tmp.mkdir()
     save(str(tmp))
     _fsync_tree(tmp)
-    if final.exists():
-        shutil.rmtree(final)
+    old = _hide(final) if final.exists() else None  # a re-save of the same step: never half-delete the visible one
     os.replace(tmp, final)
+    _fsync_dir(directory)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     if total_limit is not None and total_limit > 0:
-        for old in list_checkpoints(directory)[:-total_limit]:
-            shutil.rmtree(old, ignore_errors=True)
+        for pruned in list_checkpoints(directory)[:-total_limit]:
+            shutil.rmtree(_hide(pruned), ignore_errors=True)
     return final
+
+
+def _hide(path: Path) -> Path:
+    """Rename ``path`` to a hidden name (atomically) so that it can be deleted without being seen half-deleted."""
+    hidden = path.parent / f"{_OLD_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}"
+    os.replace(path, hidden)
+    return hidden
