@@ -56,7 +56,7 @@ def test_unconditional_card(tmp_path):
     assert 'LDMCompatPipeline.from_pretrained("someone/eps")' in text
     assert 'DiffusionPipeline.from_pretrained("someone/eps", trust_remote_code=True)' in text
     assert "encoder_hidden_states=" not in text and "## Samples" not in text and "## Original config" not in text
-    assert "ldm-compat export" in text
+    assert "hf download someone/eps --local-dir eps\nldm-compat export eps --output model.ckpt" in text
     # the YAML header round-trips through huggingface_hub
     assert ModelCard(str(card)).data.to_dict() == data.to_dict()
 

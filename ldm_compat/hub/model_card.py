@@ -48,8 +48,6 @@ _UNET_SUMMARY_KEYS = (
     "up_block_types",
 )
 
-DEFAULT_EXPORT_COMMAND = "ldm-compat export --help   # writes model.ckpt + model.yaml for the original code"
-
 PIPELINE_TAG_UNCONDITIONAL = "unconditional-image-generation"
 
 
@@ -174,7 +172,7 @@ def card_context(
         "original_config_yaml": original_yaml,
         "sample_grid": folder_format.SAMPLE_GRID_FILE if (folder / folder_format.SAMPLE_GRID_FILE).is_file() else None,
         "license": license,
-        "export_command": export_command or DEFAULT_EXPORT_COMMAND,
+        "export_command": export_command,  # None: the template's `hf download` + `ldm-compat export` lines
         "datasets": [facts["dataset"]] if isinstance(facts.get("dataset"), str) else None,
     }
 

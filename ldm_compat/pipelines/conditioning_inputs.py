@@ -26,7 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-CONDITIONING_KEYS = (None, "concat", "crossattn", "hybrid", "adm", "crossattn-adm", "hybrid-adm")
+from ldm_compat.models.conditioning import CONDITIONING_KEYS
+
 _NEEDS_CONTEXT = {"crossattn", "hybrid", "crossattn-adm", "hybrid-adm"}
 _NEEDS_LABELS = {"adm", "crossattn-adm", "hybrid-adm"}
 _NEEDS_CONCAT = {"concat", "hybrid", "hybrid-adm"}
@@ -46,10 +47,10 @@ def needs_concat(conditioning_key: str | None) -> bool:
 
 @dataclass
 class PreparedConditioning:
-    """What the denoising loop passes along: ``concat`` (or None) and the UNet keyword arguments."""
+    """The checked conditioning in the original ``cond`` form for ``ldm_compat.models.conditioning.apply_model``:
+    ``c_concat`` (list), ``c_crossattn`` (list; the class labels for ``adm``, as the original) and ``c_adm``."""
 
-    concat: torch.Tensor | None
-    unet_kwargs: dict
+    cond: dict
 
 
 def _cfg(unet_config: Mapping, *names, default=None):
@@ -167,7 +168,17 @@ def prepare_conditioning(
                 f"channels: the sample has {channels} channels but the UNet expects in_channels={in_channels} "
                 f"(conditioning_key={key!r} concatenates nothing)"
             )
-    return PreparedConditioning(prepared_concat, kwargs)
+    cond: dict = {}
+    if prepared_concat is not None:
+        cond["c_concat"] = [prepared_concat]
+    if key == "adm":  # the original DiffusionWrapper reads adm labels from c_crossattn
+        cond["c_crossattn"] = [kwargs["class_labels"]]
+    else:
+        if "encoder_hidden_states" in kwargs:
+            cond["c_crossattn"] = [kwargs["encoder_hidden_states"]]
+        if "class_labels" in kwargs:
+            cond["c_adm"] = kwargs["class_labels"]
+    return PreparedConditioning(cond)
 
 
 def _describe(value) -> str:

@@ -18,6 +18,7 @@ import torch
 from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
+from ldm_compat.models.conditioning import apply_model
 from ldm_compat.pipelines import folder as folder_format
 from ldm_compat.pipelines.conditioning_inputs import (
     check_conditioning_key,
@@ -233,12 +234,11 @@ class LDMCompatPipeline(DiffusionPipeline):
         have_pred = True
         for k, t in enumerate(self.progress_bar(timesteps)):
             model_input = self.scheduler.scale_model_input(sample, t)
-            if cond.concat is not None:
-                model_input = torch.cat([model_input, cond.concat], dim=1)
             t_batch = (
                 t.to(device).reshape(-1).expand(batch) if torch.is_tensor(t) else torch.full((batch,), t, device=device)
             )
-            model_output = self.unet(model_input, t_batch, **cond.unet_kwargs).sample
+            # the original DiffusionWrapper routing (concat / cross-attention context / adm labels)
+            model_output = apply_model(self.unet, model_input, t_batch, cond.cond, self.config.conditioning_key)
             if variance_noise is not None:
                 step_kwargs["variance_noise"] = variance_noise[k].to(device=device, dtype=sample.dtype)
             out = self.scheduler.step(model_output, t, sample, **step_kwargs)
