@@ -272,3 +272,52 @@ def test_build_dataset_errors_name_the_key():
 def test_other_importable_targets_are_instantiated_like_the_original():
     dataset = build_dataset({"target": "torch.utils.data.TensorDataset", "params": {}})
     assert isinstance(dataset, torch.utils.data.TensorDataset)
+
+
+# ---------------------------------------------------------------------------------------------------------- configs
+
+CONFIGS = ["digits_ddpm.yaml", "digits_v_prediction.yaml", "cifar10_ddpm.yaml"]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_example_configs_load_and_have_what_the_trainer_needs(name):
+    import inspect
+    from pathlib import Path
+
+    from ldm_compat.config import load_ldm_config, to_plain
+    from ldm_compat.models.unet_ldm import LDMUNetModel
+    from ldm_compat.training.lr_schedulers import build_lr_scheduler
+    from ldm_compat.training.settings import TrainSettings
+
+    path = Path(__file__).resolve().parents[1] / "configs" / name
+    config = load_ldm_config(path)
+    assert config.model.target == "ldm.models.diffusion.ddpm.DDPM"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an unknown model.params key would warn
+        settings = TrainSettings.from_config(config, str(path))
+    params = settings.params
+    assert settings.base_learning_rate > 0 and settings.batch_size > 0 and settings.max_steps > 0
+    assert settings.accumulate_grad_batches >= 1 and settings.image_log_frequency > 0
+    unet_params = params["unet_config"]["params"]
+    assert unet_params["image_size"] == params["image_size"]
+    assert unet_params["in_channels"] == unet_params["out_channels"] == params["channels"]
+    with torch.device("meta"):
+        unet = LDMUNetModel.from_ldm_config(params["unet_config"])
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    build_lr_scheduler(optimizer, params.get("scheduler_config"), num_training_steps=settings.max_steps)
+    allowed = set(inspect.signature(ImageDataset.__init__).parameters)
+    for split in ("train", "validation"):
+        entry = to_plain(config.data.params[split])
+        assert entry["target"] == "ldm_compat.training.data.ImageDataset" and set(entry["params"]) <= allowed
+    if name.startswith("cifar10"):
+        # Ho et al. 2020: 35.7M parameters, linear betas 1e-4…0.02 (latent-diffusion's "sqrt_linear"), T = 1000
+        assert sum(p.numel() for p in unet.parameters()) == pytest.approx(35.7e6, rel=2e-3)
+        assert (params["beta_schedule"], params["linear_start"], params["linear_end"]) == ("sqrt_linear", 1e-4, 0.02)
+        assert params["timesteps"] == 1000 and unet_params["dropout"] == 0.1
+        return
+    train = build_dataset(config.data, "train", image_size=params["image_size"])
+    item = train[0]
+    assert item[params["first_stage_key"]].shape == (params["image_size"], params["image_size"], params["channels"])
+    assert len(build_dataset(config.data, "validation", image_size=params["image_size"])) > 0
+    if name == "digits_v_prediction.yaml":
+        assert params["parameterization"] == "v"
