@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ldm_compat.training.data_images import CorruptImageError, decode, to_training_array
+from ldm_compat.training.batch import get_conditioning, get_input
+from ldm_compat.training.data_images import CorruptImageError, decode, to_hwc, to_training_array
 from ldm_compat.training.data_sources import infer_source, load_digits_dataset, load_source
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "load_digits_dataset",
 ]
 
+# get_input / get_conditioning live in ldm_compat.training.batch and are re-exported here
 IMAGE_COLUMNS = ("image", "img", "jpg", "png")
 LABEL_COLUMNS = ("class_label", "label", "labels", "fine_label")
 CAPTION_COLUMNS = ("caption", "txt", "text")
@@ -183,12 +185,12 @@ class ImageDataset(Dataset):
         for row, cell in cells:
             try:
                 image = decode(cell)
+                size = to_hwc(image).shape[:2] if isinstance(image, np.ndarray) else (image.height, image.width)
             except CorruptImageError as err:
                 self._skip(row, err)
                 continue
             good.append(row)
-            sizes.add(tuple(image.size[::-1]) if hasattr(image, "size") and not isinstance(image, np.ndarray) else
-                      np.asarray(image).shape[:2])  # fmt: skip
+            sizes.add(size)
         self.rows = np.asarray(good, dtype=np.int64)
         if self.skipped:
             first = "; ".join(f"row {r}: {e}" for r, e in self.skipped[:3])
@@ -438,66 +440,3 @@ def build_dataset(data_config: Mapping | None, split: str = "train", *, image_si
     if params.get("image_size") is None and image_size is not None:
         params["image_size"] = image_size
     return ImageDataset(**params, where=where)
-
-
-def get_input(batch: Mapping[str, Any], key: str, *, channels: int | None = None) -> torch.Tensor:
-    """``batch[key]`` → ``b c h w`` float32, as the original ``DDPM.get_input``.
-
-    The original takes channels-last ``b h w c`` (a 3-D ``b h w`` gets a channel at the end) and only applies
-    ``.float()``: values are not rescaled, so data must already be in [-1, 1]. ``b c h w`` is accepted when it is
-    unambiguous: ``channels`` matches dim 1 and not dim 3, or, without ``channels``, dim 1 ≤ 4 < dim 3. Otherwise the
-    original's channels-last reading applies.
-    """
-    if key not in batch:
-        raise ValueError(f"batch has no key {key!r} (first_stage_key); keys: {', '.join(map(str, batch))}")
-    x = batch[key]
-    if not isinstance(x, torch.Tensor):
-        x = torch.as_tensor(np.asarray(x))
-    if x.ndim == 3:
-        x = x[..., None]
-    if x.ndim != 4:
-        raise ValueError(f"batch[{key!r}] has shape {tuple(x.shape)}: expected b h w c (or b h w, b c h w)")
-    if channels is not None:
-        channels_first = x.shape[1] == channels and x.shape[3] != channels
-    else:
-        channels_first = x.shape[1] <= 4 < x.shape[3]
-    if not channels_first:
-        x = x.permute(0, 3, 1, 2)
-    return x.contiguous(memory_format=torch.contiguous_format).float()
-
-
-def get_conditioning(batch: Mapping[str, Any], conditioning_key: str | None, params: Mapping | None = None):
-    """The conditioning a ``conditioning_key`` needs, from the batch, with the pipeline's (diffusers) names.
-
-    Returns ``None`` for an unconditional model (the original pixel-space ``DDPM`` never used conditioning), else a
-    dict with ``class_labels`` (``adm`` keys; from ``class_label``), ``encoder_hidden_states`` (``crossattn`` and
-    ``hybrid``; a precomputed context tensor from ``context``) and ``concat`` (``concat`` and ``hybrid``; from
-    ``concat``, channels-last like images). ``params.cond_stage_key`` renames the context/concat source key.
-    """
-    if conditioning_key is None:
-        return None
-    params = params or {}
-    key = params.get("cond_stage_key")
-    cond: dict[str, torch.Tensor] = {}
-
-    def take(name: str) -> Any:
-        if name not in batch:
-            raise ValueError(
-                f"conditioning_key={conditioning_key!r} needs batch key {name!r}; keys: {', '.join(map(str, batch))}"
-            )
-        return batch[name]
-
-    if conditioning_key.endswith("adm"):
-        cond["class_labels"] = torch.as_tensor(take("class_label")).long()
-    if conditioning_key in ("crossattn", "hybrid", "crossattn-adm", "hybrid-adm"):
-        context = take(key or "context")
-        if isinstance(context, list) and context and isinstance(context[0], str):
-            raise ValueError(
-                f"batch key {key or 'context'!r} holds text: pixel-space DDPM has no text encoder; "
-                "store precomputed context tensors"
-            )
-        cond["encoder_hidden_states"] = torch.as_tensor(np.asarray(context) if isinstance(context, list) else context)
-    if conditioning_key in ("concat", "hybrid", "hybrid-adm"):
-        # cond_stage_key names the concat source only when concat is the sole conditioning
-        cond["concat"] = get_input(batch, key if key and conditioning_key == "concat" else "concat")
-    return cond

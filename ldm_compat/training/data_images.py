@@ -84,7 +84,7 @@ def _center_crop_box(height: int, width: int) -> tuple[int, int, int, int]:
     return top, left, (height + crop) // 2, (width + crop) // 2
 
 
-def _array_hwc(array: np.ndarray) -> np.ndarray:
+def to_hwc(array: np.ndarray) -> np.ndarray:
     """``h w`` → ``h w 1``; ``c h w`` (c ≤ 4 < w) → ``h w c``; ``h w c`` unchanged."""
     if array.ndim == 2:
         return array[..., None]
@@ -145,7 +145,7 @@ def to_training_array(
         array = (array / 127.5 - 1.0).astype(np.float32)
         return np.ascontiguousarray(array[..., None] if array.ndim == 2 else array)
 
-    array = _array_to_unit(_array_hwc(np.asarray(image)), value_range)
+    array = _array_to_unit(to_hwc(np.asarray(image)), value_range)
     if mode == "L" and array.shape[-1] == 3:
         # ITU-R 601-2 luma, the weights PIL's convert("L") uses
         array = (array @ np.array([0.299, 0.587, 0.114]))[..., None]
