@@ -43,6 +43,9 @@ info = pipe.push_to_hub("alice/uncond", token="hf_fake", license="mit", samples=
                         training={{"steps": 1234, "data": "digits", "hardware": "2 CPU cores", "ema": "LitEma 0.9999"}})
 results["push_to_hub"] = str(info)
 
+# 1b. save_pretrained(push_to_hub=True): save, then push the saved folder
+pipe.save_pretrained(work + "/saved", push_to_hub=True, repo_id="alice/saved", token="hf_fake")
+
 # 2. the CLI on a training output folder (checkpoints and logs must stay behind)
 from ldm_compat.cli import main
 rc = main(["push", work + "/train_out", "alice/cond", "--token", "hf_fake", "--license", "openrail",
@@ -116,6 +119,7 @@ def test_push_and_load_by_repo_id(tmp_path):
         results = json.loads(line[len("RESULTS ") :])
         uncond_files, cond_files = hub.files("alice/uncond"), hub.files("alice/cond")
         cond_messages = hub.commit_messages("alice/cond")
+        saved_files = hub.files("alice/saved")
         requests = list(hub.requests)
 
     assert results["push_to_hub"].startswith(hub.url + "/alice/uncond/commit/")
@@ -150,6 +154,7 @@ def test_push_and_load_by_repo_id(tmp_path):
         "unet/diffusion_pytorch_model.safetensors",
         "unet/ldm_compat_LDMUNetModel.py",
     ]
+    assert sorted(saved_files) == sorted(set(uncond_files) - {"ldm_extras/training.json", "sample_grid.png"})
     assert (
         uncond_files["unet/diffusion_pytorch_model.safetensors"]
         == (tmp_path / "uncond/unet/diffusion_pytorch_model.safetensors").read_bytes()
