@@ -29,7 +29,10 @@ class GroupNorm32(nn.GroupNorm):
         # skipped when the dtype already matches (under autocast F.group_norm may return another dtype, which the
         # original's ``.type(x.dtype)`` undoes).
         xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
-        out = F.group_norm(xf, self.num_groups, self.weight, self.bias, self.eps)
+        weight, bias = self.weight, self.bias
+        if weight.dtype != xf.dtype:  # half weights (e.g. from_pretrained(torch_dtype=...)): normalise in float32 too
+            weight, bias = weight.to(xf.dtype), bias.to(xf.dtype)
+        out = F.group_norm(xf, self.num_groups, weight, bias, self.eps)
         return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
