@@ -383,3 +383,17 @@ def test_state_dict_errors_list_the_offending_keys():
     prefixed = {"model.diffusion_model." + k: v for k, v in sd.items()} | {"betas": torch.zeros(3)}
     model.load_original_state_dict(prefixed)
     assert set(model.original_state_dict()) == {"model.diffusion_model." + k for k in sd}
+
+
+def test_half_precision_weights_from_pretrained(tmp_path):
+    """``from_pretrained(torch_dtype=torch.bfloat16)``: GroupNorm32 still normalises in float32 and the model runs."""
+    model = _model()
+    model.save_pretrained(tmp_path)
+    half = LDMUNetModel.from_pretrained(tmp_path, torch_dtype=torch.bfloat16).eval()
+    assert half.dtype == torch.bfloat16
+    x, t = _inputs()
+    with torch.no_grad():
+        ref = model(x, t).sample
+        out = half(x.to(torch.bfloat16), t).sample
+    assert out.dtype == torch.bfloat16
+    assert ((out.float() - ref).norm() / ref.norm()).item() < 0.05
