@@ -166,10 +166,7 @@ def test_sample_grid_layout():
         sample_grid([])
 
 
-def test_write_sample_grid(tmp_path, tmp_path_factory, monkeypatch):
-    import diffusers.utils.dynamic_modules_utils as dynamic_modules
-
-    monkeypatch.setattr(dynamic_modules, "HF_MODULES_CACHE", str(tmp_path_factory.mktemp("hf_modules")))
+def test_write_sample_grid(tmp_path):
     folder = saved("ddpm_eps_linear", tmp_path / "uncond")
     path = write_sample_grid(folder, 4, num_inference_steps=2, seed=1)
     assert Image.open(path).size == (32, 32)

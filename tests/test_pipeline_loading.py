@@ -24,11 +24,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
-def _private_modules_cache(tmp_path_factory, monkeypatch):
-    # diffusers copies the folder's loader files into its modules cache: keep that inside the test's tmp dir
+def modules_cache(tmp_path_factory, monkeypatch) -> Path:
+    # where diffusers would copy folder code it runs (trust_remote_code); LDMCompatPipeline must run none
     import diffusers.utils.dynamic_modules_utils as dynamic_modules
 
-    monkeypatch.setattr(dynamic_modules, "HF_MODULES_CACHE", str(tmp_path_factory.mktemp("hf_modules")))
+    path = tmp_path_factory.mktemp("hf_modules")
+    monkeypatch.setattr(dynamic_modules, "HF_MODULES_CACHE", str(path))
+    return path
 
 
 def case_pipeline(name: str) -> LDMCompatPipeline:
@@ -92,6 +94,9 @@ def test_conditional_folder_names_ldm_compat_pipeline(tmp_path):
     assert (index["conditioning_key"], index["image_size"], index["channels"]) == ("crossattn", 16, 4)
     loaded = LDMCompatPipeline.from_pretrained(tmp_path)
     assert type(loaded) is LDMCompatPipeline and type(loaded.unet) is LDMUNetModel
+    assert loaded.unet.dtype == torch.float32
+    half = LDMCompatPipeline.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert half.unet.dtype == torch.bfloat16
     assert type(loaded.scheduler) is LDMDDPMScheduler
     assert loaded.config.conditioning_key == "crossattn"
     context = load_case("ddpm_v_sqrtlinear_crossattn").io["context"]
@@ -111,11 +116,13 @@ def test_sample_shape_differing_from_the_unet_keeps_our_class(tmp_path):
     assert LDMCompatPipeline.from_pretrained(tmp_path).sample_shape == (3, 24, 24)
 
 
-def test_round_trip_and_component_swap(tmp_path):
+def test_round_trip_and_component_swap(tmp_path, modules_cache):
     pipe = case_pipeline("ddpm_eps_linear")
     pipe.save_pretrained(tmp_path)
     loaded = LDMCompatPipeline.from_pretrained(tmp_path)
     assert type(loaded) is LDMCompatPipeline and loaded.config.conditioning_key is None
+    assert list(modules_cache.iterdir()) == []  # no folder code was run
+    assert not loaded.unet.training
     for a, b in zip(pipe.unet.state_dict().values(), loaded.unet.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     assert torch.equal(sample(loaded), sample(pipe))

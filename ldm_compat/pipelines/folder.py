@@ -104,26 +104,41 @@ def runs_as_stock_ddpm(conditioning_key, image_size, channels, unet_config) -> b
     return bool(size_ok and channels_ok)
 
 
-def alias_loader_modules(folder: str | os.PathLike) -> None:
-    """Make the loader-file module names of a (checked) folder importable as the ldm_compat modules they re-export.
+def component_class(folder: str | os.PathLike, index: dict, name: str) -> type | None:
+    """The ldm_compat class of component ``name`` (via its checked loader file or its module path), else ``None``.
 
-    diffusers resolves a component *passed* to ``from_pretrained`` (e.g. ``scheduler=...``) by importing the
-    library named in ``model_index.json`` from ``sys.modules``; for a loader file that is its module name. Call
-    ``check_loader_files`` first: only verified ``from ldm_compat.… import …`` lines are followed.
+    Call ``check_loader_files`` first: only verified ``from ldm_compat.… import …`` lines are followed.
     """
     import importlib
+
+    library, class_name = index[name]
+    if library.startswith(LOADER_PREFIX):
+        path = Path(folder) / name / f"{library}.py"
+        match = _LOADER_LINE.search(path.read_text(encoding="utf-8")) if path.is_file() else None
+        if match is None or match.group(2) != class_name:
+            raise ValueError(f"{name}/{library}.py: missing, or it does not provide {class_name} (model_index.json)")
+        library = match.group(1)
+    elif not library.startswith("ldm_compat."):
+        return None
+    module = importlib.import_module(library)
+    if not hasattr(module, class_name):
+        raise ValueError(f"model_index.json: {library} has no class {class_name!r} (component {name!r})")
+    return getattr(module, class_name)
+
+
+def alias_loader_modules(folder: str | os.PathLike, index: dict) -> None:
+    """Make the loader-file module names of a checked folder importable as the modules they re-export.
+
+    diffusers checks a component passed to ``from_pretrained`` by importing the library named in
+    ``model_index.json`` from ``sys.modules``; for a loader file that library is the file's module name.
+    """
     import sys
 
-    folder = Path(folder)
-    index = read_model_index(folder)
     for name in component_folders(index):
         library = index[name][0]
-        path = folder / name / f"{library}.py"
-        if not library.startswith(LOADER_PREFIX) or library in sys.modules or not path.is_file():
-            continue
-        match = _LOADER_LINE.search(path.read_text(encoding="utf-8"))
-        if match is not None:
-            sys.modules[library] = importlib.import_module(match.group(1))
+        if library.startswith(LOADER_PREFIX) and library not in sys.modules:
+            cls = component_class(folder, index, name)
+            sys.modules[library] = sys.modules[cls.__module__]
 
 
 def finalize_folder(save_directory: str | os.PathLike, pipeline_class: type, stock: bool) -> dict:

@@ -269,28 +269,53 @@ class LDMCompatPipeline(DiffusionPipeline):
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> LDMCompatPipeline:
         """Load a pipeline folder or Hub repo written by ``save_pretrained`` (any conditioning).
 
-        Accepts diffusers' ``from_pretrained`` keyword arguments. A repo id is downloaded with ``download`` (diffusers'
-        own download refuses our components: huggingface/diffusers#5553). The folder's loader files are checked to
-        be ldm_compat's own (``folder.check_loader_files``) before diffusers runs them, so no ``trust_remote_code``
-        is needed here. Folders that name our component modules directly load too.
+        Accepts diffusers' ``from_pretrained`` keyword arguments (``device_map`` excepted: move the pipeline with
+        ``.to()``). A repo id is downloaded with ``download`` (diffusers' own download refuses our components:
+        huggingface/diffusers#5553). The folder's ``.py`` files must be ldm_compat's loader files
+        (``folder.check_loader_files``); the ldm_compat components they name are loaded here with their own
+        classes and handed to diffusers, so no folder code runs and no ``trust_remote_code`` is needed. Folders
+        whose ``model_index.json`` names our modules directly load too.
         """
-        # make our component modules importable by name (diffusers resolves non-diffusers libraries from
-        # sys.modules only); covers folders whose model_index.json names the modules instead of loader files
-        import ldm_compat.models.unet_ldm  # noqa: F401
-        import ldm_compat.schedulers  # noqa: F401
-
         if kwargs.get("custom_pipeline") is not None:
             raise ValueError("custom_pipeline: not supported by LDMCompatPipeline.from_pretrained (it is the pipeline)")
+        if kwargs.get("device_map") is not None:
+            raise ValueError("device_map: not supported by LDMCompatPipeline.from_pretrained; use .to(device)")
         path = os.fspath(pretrained_model_name_or_path)
         if not os.path.isdir(path):
             path = cls.download(path, **kwargs)
         folder_format.check_loader_files(path)
-        folder_format.alias_loader_modules(path)  # for components passed as keyword arguments
-        kwargs["trust_remote_code"] = True
+        index = folder_format.read_model_index(path)
+        model_kwargs = {
+            k: kwargs[k]
+            for k in ("torch_dtype", "dtype", "variant", "use_safetensors", "low_cpu_mem_usage", "disable_mmap")
+            if k in kwargs
+        }
+        for name in folder_format.component_folders(index):
+            component_cls = folder_format.component_class(path, index, name)
+            if name in kwargs or component_cls is None:
+                continue  # passed by the caller, or another library's component: diffusers loads it
+            if issubclass(component_cls, ModelMixin):
+                kwargs[name] = component_cls.from_pretrained(path, subfolder=name, **model_kwargs)
+            else:
+                kwargs[name] = component_cls.from_pretrained(path, subfolder=name)
+        folder_format.alias_loader_modules(path, index)  # diffusers' type check of passed components imports them
         pipe = super().from_pretrained(path, **kwargs)
         if path != os.fspath(pretrained_model_name_or_path):
             pipe.register_to_config(_name_or_path=os.fspath(pretrained_model_name_or_path))
         return pipe
+
+    @classmethod
+    def load_config(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """``ConfigMixin.load_config``, with a ``[file, class]`` ``_class_name`` read as the class name.
+
+        ``from_pretrained`` reads the pipeline class from here; this keeps diffusers from importing the folder's
+        pipeline loader file (the class is this one).
+        """
+        result = super().load_config(pretrained_model_name_or_path, *args, **kwargs)
+        config = result[0] if isinstance(result, tuple) else result
+        if isinstance(config.get("_class_name"), (list, tuple)):
+            config["_class_name"] = config["_class_name"][1]
+        return result
 
     @classmethod
     def download(cls, pretrained_model_name, **kwargs) -> str:
