@@ -87,16 +87,35 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_checkpoint(directory: str | os.PathLike, step: int, save: Callable[[str], None], total_limit=None) -> Path:
-    """Call ``save(tmp_dir)``, then atomically publish it as ``directory/checkpoint-<step>``; prune old ones."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    for stale in [*directory.glob(_TMP_PREFIX + "*"), *directory.glob(_OLD_PREFIX + "*")]:
-        shutil.rmtree(stale, ignore_errors=True)
+def write_checkpoint(
+    directory: str | os.PathLike,
+    step: int,
+    save: Callable[[str], None],
+    total_limit=None,
+    *,
+    is_main: bool = True,
+    barrier: Callable[[], None] | None = None,
+) -> Path:
+    """Call ``save(tmp_dir)``, then atomically publish it as ``directory/checkpoint-<step>``; prune old ones.
+
+    With several processes, every process calls this (``Accelerator.save_state`` writes each process's RNG state,
+    ``random_states_<i>.pkl``; the rest only on the main one): ``is_main`` says which process prepares, publishes and
+    prunes, ``barrier`` (``accelerator.wait_for_everyone``) keeps them in step.
+    """
+    directory, barrier = Path(directory), barrier or (lambda: None)
     final = directory / f"checkpoint-{step}"
     tmp = directory / f"{_TMP_PREFIX}{step}"
-    tmp.mkdir()
+    if is_main:
+        directory.mkdir(parents=True, exist_ok=True)
+        for stale in [*directory.glob(_TMP_PREFIX + "*"), *directory.glob(_OLD_PREFIX + "*")]:
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    barrier()
     save(str(tmp))
+    barrier()
+    if not is_main:
+        barrier()
+        return final
     _fsync_tree(tmp)
     old = _hide(final) if final.exists() else None  # a re-save of the same step: never half-delete the visible one
     os.replace(tmp, final)
@@ -106,6 +125,7 @@ def write_checkpoint(directory: str | os.PathLike, step: int, save: Callable[[st
     if total_limit is not None and total_limit > 0:
         for pruned in list_checkpoints(directory)[:-total_limit]:
             shutil.rmtree(_hide(pruned), ignore_errors=True)
+    barrier()
     return final
 
 

@@ -261,11 +261,15 @@ class Trainer:
         with acc.accumulate(module):
             x = self.get_input(batch)
             cond = self.get_cond(batch)
-            t = torch.randint(0, self.objective.num_timesteps, (x.shape[0],), device=x.device)
-            noise = torch.randn_like(x)
+            t, noise = self._draw_t_and_noise(x)
             with acc.autocast():
                 loss, loss_dict = module(x, t, noise, cond)
-            if not torch.isfinite(loss.detach()).all():
+            finite = torch.isfinite(loss.detach()).all()
+            if acc.num_processes > 1:
+                # decide together: a process stopping or skipping alone would leave the others waiting in the
+                # gradient all-reduce forever
+                finite = acc.reduce(finite.float(), reduction="sum").item() == acc.num_processes
+            if not finite:
                 return self._non_finite(loss)
             acc.backward(loss)
             if acc.sync_gradients and self.settings.gradient_clip_val > 0:
@@ -279,14 +283,29 @@ class Trainer:
             return {k: v.detach() for k, v in loss_dict.items()}
         return None
 
+    def _draw_t_and_noise(self, x):
+        """Timesteps and noise for this process's share of the global batch.
+
+        Every process draws them for the whole global batch (same seed, so the same draws everywhere) and keeps its
+        own slice: N processes × b samples get exactly the t and noise that one process × N·b samples gets (Accelerate
+        hands process i the i-th of every N batches), so the runs agree. One process draws as ``randn_like(x)``.
+        """
+        acc, b = self.accelerator, x.shape[0]
+        n, rank = acc.num_processes, acc.process_index
+        t = torch.randint(0, self.objective.num_timesteps, (n * b,), device=x.device)
+        noise = torch.randn((n * b, *x.shape[1:]), device=x.device, dtype=x.dtype)
+        return t[rank * b : (rank + 1) * b], noise[rank * b : (rank + 1) * b]
+
     def _non_finite(self, loss):
-        step = self.state.global_step
+        step, value = self.state.global_step, loss.item()
+        # with several processes this one's loss may be finite while another's is not
+        what = f"loss is {value} (not finite)" if not math.isfinite(value) else "another process's loss is not finite"
         if self.options.nan_policy == "skip":
-            logger.warning("step %d: non-finite loss %s, batch skipped", step, loss.item())
+            logger.warning("step %d: %s, batch skipped", step, what)
             self.optimizer.zero_grad(set_to_none=True)
             return None
         raise FloatingPointError(
-            f"step {step}: loss is {loss.item()} (not finite); stopped. The last good checkpoint is in "
+            f"step {step}: {what}; stopped. The last good checkpoint is in "
             f"{self.output_dir / 'checkpoints'} (use --nan_policy skip to skip such batches)"
         )
 
@@ -307,14 +326,11 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------- outputs
     def save_checkpoint(self) -> Path:
         acc = self.accelerator
-        path = None
-        if acc.is_main_process:
-            path = write_checkpoint(
-                self.output_dir / "checkpoints", self.state.global_step, acc.save_state,
-                self.options.checkpoints_total_limit,
-            )  # fmt: skip
-        acc.wait_for_everyone()
-        return path
+        # every process saves (its RNG state is its own); the main one publishes the folder
+        return write_checkpoint(
+            self.output_dir / "checkpoints", self.state.global_step, acc.save_state,
+            self.options.checkpoints_total_limit, is_main=acc.is_main_process, barrier=acc.wait_for_everyone,
+        )  # fmt: skip
 
     @torch.no_grad()
     def validate(self) -> dict:
