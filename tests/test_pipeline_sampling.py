@@ -283,3 +283,12 @@ def test_stock_ddpm_scheduler_close_to_ancestral():
     pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     theirs = pipe(generator=torch.Generator().manual_seed(5), num_inference_steps=100, **kw).images
     assert (ours - theirs).abs().max().item() <= 1e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_ddim_fixture_on_cuda():
+    case = load_case("ddpm_v_sqrtlinear_crossattn")
+    pipe = case_pipeline(case.name).to("cuda")
+    pipe.scheduler = LDMDDIMScheduler.from_config(pipe.scheduler.config)
+    samples = ddim_call(pipe, case).cpu()
+    assert (samples - case.io["ddim_samples"]).abs().max().item() <= DDIM_TOL
