@@ -286,7 +286,10 @@ def test_stock_ddpm_scheduler_close_to_ancestral():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_ddim_fixture_on_cuda():
+def test_ddim_fixture_on_cuda(monkeypatch):
+    # float32 means float32: cuDNN convolutions would otherwise use TF32 (10-bit mantissa)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     case = load_case("ddpm_v_sqrtlinear_crossattn")
     pipe = case_pipeline(case.name).to("cuda")
     pipe.scheduler = LDMDDIMScheduler.from_config(pipe.scheduler.config)
