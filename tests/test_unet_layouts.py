@@ -479,7 +479,12 @@ def test_fixture_layouts_match_exactly(layout_name):
     assert sum(p.numel() for p in model.parameters()) == layout["num_parameters"]
 
 
-@pytest.mark.parametrize("public", PUBLIC_CONFIGS, ids=[c.configs[0].rsplit("/", 1)[-1] for c in PUBLIC_CONFIGS])
+def _config_id(public: PublicConfig) -> str:
+    path = public.configs[0].split(":", 1)[1].removesuffix(".yaml").removesuffix("/config")
+    return path.rsplit("/", 1)[-1]
+
+
+@pytest.mark.parametrize("public", PUBLIC_CONFIGS, ids=[_config_id(c) for c in PUBLIC_CONFIGS])
 def test_public_config_layouts(public):
     model = _meta_model(public.params)
     layout = _layout(model)
