@@ -139,3 +139,22 @@ def test_train_function_returns_outputs(tiny_config, tmp_path):
     config = load_ldm_config(tiny_config, ["lightning.trainer.max_steps=1"])
     outputs = train(config, TrainOptions(output_dir=str(tmp_path / "o"), report_to="none", checkpointing_steps=None))
     assert Path(outputs["pipeline"]).is_dir()
+
+
+def test_class_conditional_training_and_image_log(tmp_path):
+    config = yaml.safe_load(yaml.safe_dump(TINY))
+    config["model"]["params"]["conditioning_key"] = "adm"
+    config["model"]["params"]["unet_config"]["params"]["num_classes"] = 10
+    config["lightning"]["callbacks"]["image_logger"]["params"]["batch_frequency"] = 2
+    path = tmp_path / "adm.yaml"
+    path.write_text(yaml.safe_dump(config))
+    trainer = run(path, tmp_path / "out", "lightning.trainer.max_steps=2", checkpointing_steps=None)
+    images = sorted(p.name.split("_gs")[0] for p in (tmp_path / "out" / "images" / "train").glob("*.png"))
+    assert images == ["denoise_row", "diffusion_row", "inputs", "samples"]
+    # the labels reach the UNet: a different class gives a different prediction
+    unet = trainer.unet.eval()
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 3])
+    with torch.no_grad():
+        a = unet(x, t, class_labels=torch.tensor([1, 1])).sample
+        b = unet(x, t, class_labels=torch.tensor([2, 2])).sample
+    assert not torch.equal(a, b)

@@ -63,6 +63,36 @@ def wrap_conditioning(cond: Any, conditioning_key: str | None) -> dict[str, Any]
     return {name: _as_list(name, cond)}
 
 
+def original_cond(
+    conditioning_key: str | None,
+    *,
+    encoder_hidden_states: torch.Tensor | None = None,
+    class_labels: torch.Tensor | None = None,
+    concat: torch.Tensor | None = None,
+) -> dict[str, Any] | None:
+    """diffusers-style conditioning (``encoder_hidden_states``, ``class_labels``, ``concat``) → the original's dict.
+
+    ``concat`` becomes ``c_concat``, the context ``c_crossattn``; class labels travel in ``c_crossattn`` for ``adm``
+    (as the original ``DiffusionWrapper`` reads them) and in ``c_adm`` for the ``*-adm`` keys. ``None`` for an
+    unconditional model.
+    """
+    _check_key(conditioning_key)
+    if conditioning_key is None:
+        return None
+    cond: dict[str, Any] = {}
+    if concat is not None:
+        cond["c_concat"] = [concat]
+    if conditioning_key == "adm":
+        if class_labels is not None:
+            cond["c_crossattn"] = [class_labels]
+    else:
+        if encoder_hidden_states is not None:
+            cond["c_crossattn"] = [encoder_hidden_states]
+        if class_labels is not None:
+            cond["c_adm"] = class_labels
+    return cond
+
+
 def validate_conditioning(
     conditioning_key: str | None,
     cond: Any = None,

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ldm_compat.models.conditioning import CONDITIONING_KEYS
+from ldm_compat.models.conditioning import CONDITIONING_KEYS, original_cond
 
 _NEEDS_CONTEXT = {"crossattn", "hybrid", "crossattn-adm", "hybrid-adm"}
 _NEEDS_LABELS = {"adm", "crossattn-adm", "hybrid-adm"}
@@ -168,16 +168,13 @@ def prepare_conditioning(
                 f"channels: the sample has {channels} channels but the UNet expects in_channels={in_channels} "
                 f"(conditioning_key={key!r} concatenates nothing)"
             )
-    cond: dict = {}
-    if prepared_concat is not None:
-        cond["c_concat"] = [prepared_concat]
-    if key == "adm":  # the original DiffusionWrapper reads adm labels from c_crossattn
-        cond["c_crossattn"] = [kwargs["class_labels"]]
-    else:
-        if "encoder_hidden_states" in kwargs:
-            cond["c_crossattn"] = [kwargs["encoder_hidden_states"]]
-        if "class_labels" in kwargs:
-            cond["c_adm"] = kwargs["class_labels"]
+    cond = original_cond(
+        key,
+        encoder_hidden_states=kwargs.get("encoder_hidden_states"),
+        class_labels=kwargs.get("class_labels"),
+        concat=prepared_concat,
+    )
+    cond = cond or {}
     return PreparedConditioning(cond)
 
 

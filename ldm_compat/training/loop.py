@@ -79,14 +79,28 @@ class TrainOptions:
 
 class Trainer:
     def __init__(self, config, options: TrainOptions, source: str = "config"):
+        self.config = config
+        self.options = options
+        if options.nan_policy not in ("stop", "skip"):
+            raise ValueError(f"--nan_policy {options.nan_policy!r}: expected 'stop' or 'skip'")
+        self.settings = TrainSettings.from_config(config, source)
+        self.output_dir = Path(options.output_dir)
+        created = self._check_output_dir()
+        try:
+            self._setup(options)
+        except BaseException:
+            # bad input found while building (a checkpoint, the data, …): leave no empty output folder behind
+            for folder in created:
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+            raise
+
+    def _setup(self, options: TrainOptions) -> None:
         from accelerate import Accelerator
         from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 
-        self.config = config
-        self.options = options
-        self.settings = TrainSettings.from_config(config, source)
-        self.output_dir = Path(options.output_dir)
-        self._check_output_dir()
         self.accelerator = Accelerator(
             gradient_accumulation_steps=self.settings.accumulate_grad_batches,
             mixed_precision=options.mixed_precision,
@@ -103,7 +117,12 @@ class Trainer:
         self._build_optimization()
 
     # ----------------------------------------------------------------------------------------------- setup
-    def _check_output_dir(self) -> None:
+    def _check_output_dir(self) -> list[Path]:
+        """Create ``--output_dir`` and check it is writable; return the folders created (deepest first)."""
+        created, folder = [], self.output_dir.absolute()
+        while not folder.exists() and folder != folder.parent:
+            created.append(folder)
+            folder = folder.parent
         try:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             probe = self.output_dir / ".write_test"
@@ -111,6 +130,7 @@ class Trainer:
             probe.unlink()
         except OSError as err:
             raise PermissionError(f"--output_dir {self.output_dir}: not writable ({err.strerror})") from None
+        return created
 
     def _build_model(self) -> None:
         from ldm_compat.models.unet_ldm import LDMUNetModel
@@ -202,10 +222,18 @@ class Trainer:
 
         return get_input(batch, self.settings.first_stage_key).to(self.accelerator.device)
 
-    def get_cond(self, batch):
+    def get_cond_kwargs(self, batch) -> dict:
+        """The batch's conditioning in the pipeline's (diffusers) names, on the device; ``{}`` if unconditional."""
         from ldm_compat.training.data import get_conditioning
 
-        return get_conditioning(batch, self.objective.config.conditioning_key, self.settings.params)
+        cond = get_conditioning(batch, self.objective.config.conditioning_key, self.settings.params) or {}
+        return {k: v.to(self.accelerator.device) for k, v in cond.items()}
+
+    def get_cond(self, batch):
+        """The batch's conditioning in the original's dict form (``c_concat``/``c_crossattn``/``c_adm``)."""
+        from ldm_compat.models.conditioning import original_cond
+
+        return original_cond(self.objective.config.conditioning_key, **self.get_cond_kwargs(batch))
 
     def resume(self) -> None:
         spec = self.options.resume_from_checkpoint
@@ -374,7 +402,11 @@ class Trainer:
         from ldm_compat.pipelines.pipeline_ldm_compat import LDMCompatPipeline
 
         unet = self.accelerator.unwrap_model(self.module).unet
-        return LDMCompatPipeline(unet=unet, scheduler=self.scheduler)
+        params = self.settings.params
+        return LDMCompatPipeline(
+            unet=unet, scheduler=self.scheduler, conditioning_key=params.get("conditioning_key"),
+            image_size=params.get("image_size"), channels=params.get("channels"),
+        )  # fmt: skip
 
     @torch.no_grad()
     def log_images(self, batch) -> list[str]:
@@ -389,9 +421,12 @@ class Trainer:
         pipe = self.sampling_pipeline()
         pipe.set_progress_bar_config(disable=True)
 
+        cond_kwargs = self.get_cond_kwargs(batch)
+
         def sample(n):
-            out = pipe(batch_size=n, generator=generator, output_type="pt", return_intermediates=True,
-                       num_inference_steps=self.options.sample_steps)  # fmt: skip
+            kwargs = {k: v[:n] for k, v in cond_kwargs.items()}
+            out = pipe(batch_size=n, generator=generator, output_type="latent", return_intermediates=True,
+                       num_inference_steps=self.options.sample_steps, **kwargs)  # fmt: skip
             return out.images, out.intermediates
 
         x = self.get_input(batch)
