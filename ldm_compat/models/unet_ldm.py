@@ -350,12 +350,30 @@ class LDMUNetModel(ModelMixin, ConfigMixin):
             return (out,)
         return LDMUNetOutput(sample=out)
 
+    def _check_sample(self, x: torch.Tensor) -> None:
+        """One clear line for a sample the UNet cannot take (else: an error deep in a conv or a skip concat)."""
+        dims, channels, levels = self.config.dims, self.config.in_channels, len(self.config.channel_mult)
+        if x.ndim != dims + 2 or x.shape[1] != channels:
+            raise ValueError(
+                f"sample: expected shape (batch, {channels}, {', '.join(['size'] * dims)}) (in_channels={channels}, "
+                f"dims={dims}), got {tuple(x.shape)}"
+            )
+        # every downsampling halves the size (dims=3: the last two axes) and the skip connections need it back
+        factor = 2 ** (levels - 1)
+        spatial = tuple(x.shape[3:] if dims == 3 else x.shape[2:])
+        if any(size % factor for size in spatial):
+            raise ValueError(
+                f"sample: spatial size {spatial} must be divisible by {factor} ({levels - 1} downsamplings, "
+                f"channel_mult={list(self.config.channel_mult)}), got shape {tuple(x.shape)}"
+            )
+
     def _forward(self, x: torch.Tensor, timestep, context, y) -> torch.Tensor:
         if (y is None) != (self._num_classes is None):
             raise ValueError(
                 f"class_labels: must be given if and only if the model is class-conditional (num_classes="
                 f"{self._num_classes!r}), got {'None' if y is None else 'a tensor'}"
             )
+        self._check_sample(x)
         batch = x.shape[0]
         weight_dtype = self.time_embed[0].weight.dtype
         t_emb = timestep_embedding(self._timesteps(timestep, batch, x.device), self._model_channels)

@@ -153,6 +153,10 @@ class LDMScheduleMixin:
     def _prepare(self, timesteps, *tensors: torch.Tensor):
         """Upcast half-precision inputs; return ``(t, tensors…, output dtype)``."""
         ref = tensors[0]
+        if any(x.shape != ref.shape for x in tensors[1:]):
+            # one clear line instead of a broadcasting error (or, worse, a silent broadcast) further down
+            shapes = ", ".join(str(tuple(x.shape)) for x in tensors[1:])
+            raise ValueError(f"tensor shapes: expected the sample's shape {tuple(ref.shape)}, got {shapes}")
         dtype = compute_dtype(ref.dtype)
         t = as_timestep_tensor(timesteps, ref.shape[0], self.config.num_train_timesteps, ref.device)
         return (t, *[x.to(dtype) for x in tensors], ref.dtype)

@@ -177,6 +177,9 @@ class LDMDDIMScheduler(LDMScheduleMixin, SchedulerMixin, ConfigMixin):
         """
         if self._step_params is None:
             raise ValueError("step: call set_timesteps first")
+        if model_output.shape != sample.shape:
+            shapes = f"{tuple(sample.shape)}, got {tuple(model_output.shape)}"
+            raise ValueError(f"model_output: expected the sample's shape {shapes}")
         dtype = sample.dtype
         cdtype = compute_dtype(dtype)
         x = sample.to(cdtype)
