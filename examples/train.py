@@ -41,7 +41,15 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    try:
+        return run(parse_args(argv))
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, FloatingPointError) as err:
+        # bad input (config, checkpoint, data, output folder) or a non-finite loss: one line, no traceback
+        print(f"train.py: error: {err}", file=sys.stderr)
+        return 2
+
+
+def run(args) -> int:
     config = load_ldm_config(args.config, args.overrides)
     options = TrainOptions(
         output_dir=args.output_dir,

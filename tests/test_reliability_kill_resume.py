@@ -212,11 +212,11 @@ def test_a_tampered_checkpoint_is_refused_on_resume(reference, tmp_path):
     import torch
 
     from ldm_compat.convert.checkpoint_io import CheckpointError
-    from ldm_compat.training.checkpoints import check_pickles
+    from ldm_compat.training.checkpoints import check_checkpoint_files
 
     folder = tmp_path / "checkpoints" / f"checkpoint-{STEPS}"
     shutil.copytree(checkpoint(reference["out"], STEPS), folder)
-    check_pickles(folder)  # the real thing passes (numpy RNG state included)
+    check_checkpoint_files(folder)  # the real thing passes (numpy RNG state included)
     canary = tmp_path / "canary"
     state = torch.load(folder / "custom_checkpoint_1.pkl", weights_only=True)
     torch.save({**state, "payload": _Canary(str(canary))}, folder / "custom_checkpoint_1.pkl")

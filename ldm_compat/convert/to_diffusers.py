@@ -59,6 +59,32 @@ _KNOWN_SCHEDULES = [
 ]
 
 
+# LatentDiffusion's own arguments (CompVis ddpm.py, Stability-AI SD2 adds force_null_conditioning): known, not DDPM's
+LATENT_DIFFUSION_KEYS = frozenset(
+    {
+        "first_stage_config", "cond_stage_config", "num_timesteps_cond", "cond_stage_key", "cond_stage_trainable",
+        "concat_mode", "cond_stage_forward", "scale_factor", "scale_by_std", "force_null_conditioning",
+    }
+)  # fmt: skip
+
+
+def check_model_params(params: Mapping, source: str) -> None:
+    """Check a config's ``model.params`` before converting: a wrong type is a one-line ``ConfigError`` naming the key;
+    keys neither ``DDPM`` nor ``LatentDiffusion`` takes are listed in one warning (a typo should not pass silently)."""
+    import warnings
+
+    from ldm_compat.training.settings import DDPM_KEYS, check_ddpm_params
+
+    known = {k: v for k, v in params.items() if k in DDPM_KEYS}
+    known.setdefault("unet_config", {})  # conversion infers it from the weights when the YAML has none
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # only the type checks; unknown keys are reported below
+        check_ddpm_params(known, source)
+    unknown = sorted(set(params) - DDPM_KEYS - LATENT_DIFFUSION_KEYS)
+    if unknown:
+        warnings.warn(f"{source}: model.params keys not used by DDPM (ignored): {', '.join(unknown)}", stacklevel=3)
+
+
 def conditioning_key_of(params: Mapping) -> str | None:
     """The DiffusionWrapper key a config implies (LatentDiffusion derives it from ``concat_mode``)."""
     key = params.get("conditioning_key")
@@ -274,6 +300,7 @@ def original_to_diffusers(
     position = list(checkpoint).index("state_dict") if container == "lightning" else 0
     if config_path is not None:
         config = to_plain(load_ldm_config(config_path))
+        check_model_params(config["model"]["params"], str(config_path))
         config_text = Path(config_path).read_text()
     else:
         timesteps = int(state_dict["betas"].shape[0]) if "betas" in state_dict else 1000

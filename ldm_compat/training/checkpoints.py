@@ -3,7 +3,7 @@
 A checkpoint is written into a hidden temporary folder beside its final name, fsynced, then renamed; a run killed
 mid-write leaves only the temporary folder, which ``latest`` never picks and the next save removes. A folder being
 replaced or pruned is first renamed to a hidden name and only then deleted, so no visible ``checkpoint-<step>`` is ever
-half-deleted. Before a resume, every pickle in the folder is checked for code it would run (``resolve_checkpoint``).
+half-deleted. Before a resume every file is checked: readable, no pickle that would run code (``resolve_checkpoint``).
 """
 
 from __future__ import annotations
@@ -46,22 +46,30 @@ def resolve_checkpoint(spec: str, directory: str | os.PathLike) -> Path | None:
         path = Path(spec)
         if not path.is_dir():
             raise FileNotFoundError(f"--resume_from_checkpoint {spec}: no such checkpoint folder")
-    check_pickles(path)
+    check_checkpoint_files(path)
     return path
 
 
-def check_pickles(folder: str | os.PathLike) -> None:
-    """Refuse a checkpoint folder whose pickles would run code when loaded (Accelerate loads some of them with
-    ``weights_only=False``). Only the pickles' global references are read; nothing is unpickled."""
+def check_checkpoint_files(folder: str | os.PathLike) -> None:
+    """Refuse a checkpoint folder with an unreadable file or a pickle that would run code when loaded (Accelerate
+    loads some with ``weights_only=False``). Only headers and the pickles' global references are read; nothing is
+    unpickled."""
+    from safetensors import safe_open
     from torch.serialization import get_unsafe_globals_in_checkpoint
 
     for path in sorted(Path(folder).iterdir()):
-        if not path.is_file() or path.suffix not in (".pkl", ".bin", ".pt", ".pth"):
+        if not path.is_file():
             continue
         try:
+            if path.suffix == ".safetensors":
+                with safe_open(str(path), "pt"):
+                    continue
+            if path.suffix not in (".pkl", ".bin", ".pt", ".pth"):
+                continue
             needed = get_unsafe_globals_in_checkpoint(str(path))
         except Exception as err:  # not a zip-format torch file, truncated, …
-            raise CheckpointError(f"{path}: unreadable checkpoint file ({type(err).__name__}: {err})") from None
+            reason = str(err).split(". ")[0].splitlines()[0] if str(err) else ""
+            raise CheckpointError(f"{path}: unreadable checkpoint file ({type(err).__name__}: {reason})") from None
         unsafe = [name for name in needed if name not in _SAFE_NUMPY_GLOBALS and not name.startswith("numpy.dtypes.")]
         if unsafe:
             raise CheckpointError(

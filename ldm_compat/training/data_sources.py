@@ -114,7 +114,10 @@ def load_source(params: Mapping[str, Any], where: str = "data"):
         data_dir = _require(params, "data_dir", where, source)
         if not os.path.isdir(data_dir):
             raise FileNotFoundError(f"{where}.data_dir={data_dir}: no such folder")
-        return datasets.load_dataset("imagefolder", data_dir=data_dir, split=split, cache_dir=cache_dir)
+        try:
+            return datasets.load_dataset("imagefolder", data_dir=data_dir, split=split, cache_dir=cache_dir)
+        except datasets.data_files.EmptyDatasetError:
+            raise ValueError(f"{where}.data_dir={data_dir}: the dataset is empty (no image files)") from None
     if source == "hub":
         name = _require(params, "name", where, source)
         return datasets.load_dataset(
