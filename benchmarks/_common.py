@@ -185,3 +185,21 @@ def add_common_arguments(parser, *, threads_default: int | None = 2) -> None:
         help=f"torch.set_num_threads on the CPU (default {threads_default}: the issue's CPU target)",
     )  # fmt: skip
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON here")
+
+
+class RandomImages(torch.utils.data.Dataset):
+    """``length`` random ``h w c`` images in [-1, 1] held in memory, as original training items ``{"image": …}``.
+
+    A data set that costs nothing to read, so training benchmarks time the loop, not decoding (``bench_train.py``
+    names it as ``data.params.train.target: _common.RandomImages``, built like the original's datasets).
+    """
+
+    def __init__(self, size: int, channels: int = 3, length: int = 256, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.images = torch.rand(length, size, size, channels, generator=g) * 2 - 1
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"image": self.images[index]}
