@@ -43,6 +43,18 @@ def _schedule_buffers(folder: Path) -> dict[str, torch.Tensor]:
     return LDMDDPMScheduler.from_pretrained(folder, subfolder="scheduler").ldm_buffers()
 
 
+def _module_order(folder: Path, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The UNet weights in the original module order (safetensors files store keys sorted), as ``torch.save`` of
+    the original model would write them."""
+    from ldm_compat.models.unet_ldm import LDMUNetModel
+
+    with torch.device("meta"):
+        order = list(LDMUNetModel.from_config(LDMUNetModel.load_config(folder, subfolder="unet")).state_dict())
+    if set(order) != set(weights):
+        return weights  # not our layout: keep what the file has
+    return {k: weights[k] for k in order}
+
+
 def read_original_checkpoint(folder: str | os.PathLike) -> dict:
     """The original checkpoint a folder stands for: ``{'state_dict': …, 'global_step': …}`` (same top-level order
     as the converted file) or, for a bare state dict, the state dict itself."""
@@ -62,7 +74,7 @@ def read_original_state_dict(folder: str | os.PathLike) -> tuple[dict[str, torch
     sampling = load_file(str(folder / UNET_WEIGHTS_FILE))
     manifest_path = folder / MANIFEST_FILE
     if not manifest_path.is_file():
-        parts = OriginalStateDict(unet=sampling, schedule=_schedule_buffers(folder))
+        parts = OriginalStateDict(unet=_module_order(folder, sampling), schedule=_schedule_buffers(folder))
         return parts.join(), {}, {}
     manifest = json.loads(manifest_path.read_text())
     if manifest.get("format") != FORMAT:
