@@ -147,6 +147,7 @@ def _corrupt_image_raise(tmp_path):
      _no_images, _corrupt_image_raise],
     ids=lambda f: f.__name__.strip("_"),
 )  # fmt: skip
+@pytest.mark.filterwarnings("ignore:.*corrupt image")  # all_images_corrupt: the skip warning comes before the error
 def test_training_refuses_bad_input_in_one_line_and_writes_nothing(capsys, tmp_path, make):
     changes, expected = make(tmp_path)
     config = write_config(tmp_path / "bad.yaml", tiny_config(**changes))
