@@ -38,22 +38,18 @@ def get_input(batch: Mapping[str, Any], key: str, *, channels: int | None = None
 
 
 def get_conditioning(batch: Mapping[str, Any], conditioning_key: str | None, params: Mapping | None = None):
-    """The conditioning a ``conditioning_key`` needs, read from the batch, in the original's dict form.
+    """The conditioning a ``conditioning_key`` needs, from the batch, with the pipeline's (diffusers) names.
 
-    Returns ``None`` for an unconditional model (the original pixel-space ``DDPM`` never used conditioning), else
-    ``{"c_concat": [...], "c_crossattn": [...], "c_adm": ...}`` as ``ldm_compat.models.conditioning.apply_model``
-    (the original ``DiffusionWrapper``) takes it, built by ``original_cond`` from: class labels (``adm`` keys) from
-    ``class_label``; the cross-attention context (``crossattn``, ``hybrid``, ``*-adm``) from a precomputed tensor in
-    ``context``; the concat input (``concat``, ``hybrid*``) from ``concat``, channels-last like images and read with
-    ``get_input``. ``params.cond_stage_key`` renames the context source (or the concat source for ``concat``).
+    Returns ``None`` for an unconditional model (the original pixel-space ``DDPM`` never used conditioning), else a
+    dict with ``class_labels`` (``adm`` keys; from ``class_label``), ``encoder_hidden_states`` (``crossattn`` and
+    ``hybrid``; a precomputed context tensor from ``context``) and ``concat`` (``concat`` and ``hybrid``; from
+    ``concat``, channels-last like images). ``params.cond_stage_key`` renames the context/concat source key.
     """
-    from ldm_compat.models.conditioning import original_cond
-
     if conditioning_key is None:
         return None
     params = params or {}
     key = params.get("cond_stage_key")
-    cond: dict[str, torch.Tensor] = {}  # the diffusers names, turned into the original's dict at the end
+    cond: dict[str, torch.Tensor] = {}
 
     def take(name: str) -> Any:
         if name not in batch:
@@ -75,4 +71,4 @@ def get_conditioning(batch: Mapping[str, Any], conditioning_key: str | None, par
     if conditioning_key in ("concat", "hybrid", "hybrid-adm"):
         # cond_stage_key names the concat source only when concat is the sole conditioning
         cond["concat"] = get_input(batch, key if key and conditioning_key == "concat" else "concat")
-    return original_cond(conditioning_key, **cond)
+    return cond
