@@ -116,6 +116,11 @@ def test_conditioning_from_the_batch():
     assert get_conditioning(batch, "crossattn")["encoder_hidden_states"].shape == (2, 7, 16)
     hybrid = get_conditioning(batch, "hybrid")
     assert hybrid["concat"].shape == (2, 2, 4, 4) and set(hybrid) == {"encoder_hidden_states", "concat"}
+    # with original_cond they become the original DiffusionWrapper dict (adm labels travel in c_crossattn)
+    from ldm_compat.models.conditioning import original_cond
+
+    assert torch.equal(original_cond("adm", **get_conditioning(batch, "adm"))["c_crossattn"][0], torch.tensor([1, 2]))
+    assert set(original_cond("hybrid", **hybrid)) == {"c_concat", "c_crossattn"}
     with pytest.raises(ValueError, match="no text encoder"):
         get_conditioning({"txt": ["a", "b"]}, "crossattn", {"cond_stage_key": "txt"})
     with pytest.raises(ValueError, match="needs batch key 'class_label'"):
@@ -145,6 +150,10 @@ def test_corrupt_images_can_fail_and_empty_data_is_an_error(folder, tmp_path):
     (only_broken / "x.png").write_bytes(b"nope")
     with pytest.raises(ValueError, match="the dataset is empty"):
         _imagefolder(only_broken, tmp_path, image_size=8)
+    no_files = tmp_path / "no_files"
+    no_files.mkdir()
+    with pytest.raises(ValueError, match=r"data_dir=.*no_files: the dataset is empty \(no image files\)"):
+        _imagefolder(no_files, tmp_path, image_size=8)
     with pytest.raises(ValueError, match="different sizes"):
         _imagefolder(folder, tmp_path)  # no image_size and mixed sizes: a clear error, not a collate crash
 

@@ -43,7 +43,10 @@ def get_conditioning(batch: Mapping[str, Any], conditioning_key: str | None, par
     Returns ``None`` for an unconditional model (the original pixel-space ``DDPM`` never used conditioning), else a
     dict with ``class_labels`` (``adm`` keys; from ``class_label``), ``encoder_hidden_states`` (``crossattn`` and
     ``hybrid``; a precomputed context tensor from ``context``) and ``concat`` (``concat`` and ``hybrid``; from
-    ``concat``, channels-last like images). ``params.cond_stage_key`` renames the context/concat source key.
+    ``concat``, channels-last like images). ``params.cond_stage_key`` renames the context source (or the concat
+    source for ``concat``). ``ldm_compat.models.conditioning.original_cond(conditioning_key, **cond)`` turns this
+    into the original ``DiffusionWrapper`` dict (``c_concat``/``c_crossattn``/``c_adm``) that ``apply_model`` takes;
+    the same names are the pipeline's call arguments.
     """
     if conditioning_key is None:
         return None
