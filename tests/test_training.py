@@ -158,3 +158,19 @@ def test_class_conditional_training_and_image_log(tmp_path):
         a = unet(x, t, class_labels=torch.tensor([1, 1])).sample
         b = unet(x, t, class_labels=torch.tensor([2, 2])).sample
     assert not torch.equal(a, b)
+
+
+def test_ucg_training_replaces_labels_with_the_given_p(tmp_path, monkeypatch):
+    config = yaml.safe_load(yaml.safe_dump(TINY))
+    config["model"]["params"]["conditioning_key"] = "adm"
+    config["model"]["params"]["unet_config"]["params"]["num_classes"] = 11
+    config["model"]["params"]["ucg_training"] = {"class_label": {"p": 1.0, "val": 10}}
+    path = tmp_path / "ucg.yaml"
+    path.write_text(yaml.safe_dump(config))
+    options = TrainOptions(output_dir=str(tmp_path / "o"), report_to="none", checkpointing_steps=None)
+    trainer = Trainer(load_ldm_config(path, ["lightning.trainer.max_steps=1"]), options)
+    seen = []
+    original = trainer.get_cond
+    monkeypatch.setattr(trainer, "get_cond", lambda batch: seen.append(batch["class_label"]) or original(batch))
+    trainer.fit()
+    assert len(seen) == 1 and torch.equal(torch.as_tensor(seen[0]), torch.full((4,), 10))

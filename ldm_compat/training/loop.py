@@ -196,7 +196,9 @@ class Trainer:
             parameters.append(self.objective.logvar)
         fused = torch.cuda.is_available() and self.accelerator.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(parameters, lr=self.learning_rate, fused=fused or None)
-        self.lr_scheduler = build_lr_scheduler(self.optimizer, s.params.get("scheduler_config"))
+        self.lr_scheduler = build_lr_scheduler(
+            self.optimizer, s.params.get("scheduler_config"), num_training_steps=s.max_steps
+        )
         self.module, self.optimizer, self.train_loader, self.lr_scheduler = self.accelerator.prepare(
             self.module, self.optimizer, self.train_loader, self.lr_scheduler
         )
@@ -287,6 +289,11 @@ class Trainer:
     def _train_batch(self, module, batch) -> dict | None:
         acc = self.accelerator
         with acc.accumulate(module):
+            if self.settings.params.get("ucg_training"):
+                from ldm_compat.training.ucg import apply_ucg
+
+                # SD2's unconditional-guidance dropout; draws from torch's seeded (and checkpointed) global RNG
+                batch, _ = apply_ucg(batch, self.settings.params["ucg_training"])
             x = self.get_input(batch)
             cond = self.get_cond(batch)
             t, noise = self._draw_t_and_noise(x)
