@@ -26,6 +26,7 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="original-style YAML (default: configs/digits_ddpm.yaml)")
     p.add_argument("--seed", type=int, default=23)
     p.add_argument("--num-samples", type=int, default=256, help="samples drawn for the grid and the scores")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: robust when shared)")
     p.add_argument("overrides", nargs="*", help="OmegaConf dotlist overrides, e.g. lightning.trainer.max_steps=50")
 
 

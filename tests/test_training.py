@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers.tiny_config import TINY
 
 from ldm_compat.config import ConfigError, load_ldm_config
 from ldm_compat.convert.checkpoint_io import load_checkpoint
@@ -16,23 +17,6 @@ from ldm_compat.training.loop import Trainer, TrainOptions, train
 from ldm_compat.training.settings import TrainSettings
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {
-    "model": {
-        "base_learning_rate": 1.0e-4,
-        "target": "ldm.models.diffusion.ddpm.DDPM",
-        "params": {
-            "timesteps": 10, "beta_schedule": "linear", "image_size": 8, "channels": 1, "log_every_t": 5,
-            "learn_logvar": True,
-            "unet_config": {
-                "target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
-                "params": {"image_size": 8, "in_channels": 1, "out_channels": 1, "model_channels": 32,
-                           "num_res_blocks": 1, "attention_resolutions": [], "channel_mult": [1, 2], "num_heads": 1},
-            },
-        },
-    },
-    "data": {"target": "main.DataModuleFromConfig", "params": {"batch_size": 4}},
-    "lightning": {"trainer": {"max_steps": 4}, "callbacks": {"image_logger": {"params": {"batch_frequency": 0}}}},
-}  # fmt: skip
 
 
 @pytest.fixture

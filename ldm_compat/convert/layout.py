@@ -13,20 +13,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-SCHEDULE_BUFFER_NAMES = (
-    "betas",
-    "alphas_cumprod",
-    "alphas_cumprod_prev",
-    "sqrt_alphas_cumprod",
-    "sqrt_one_minus_alphas_cumprod",
-    "log_one_minus_alphas_cumprod",
-    "sqrt_recip_alphas_cumprod",
-    "sqrt_recipm1_alphas_cumprod",
-    "posterior_variance",
-    "posterior_log_variance_clipped",
-    "posterior_mean_coef1",
-    "posterior_mean_coef2",
-)
+from ldm_compat.schedulers.schedule import LDM_BUFFER_NAMES
+
+# the 12 persistent buffers of DDPM.register_schedule, in registration order
+SCHEDULE_BUFFER_NAMES = LDM_BUFFER_NAMES
 UNET_PREFIX = "model.diffusion_model."
 EMA_PREFIX = "model_ema."
 WRAPPER_PREFIX = "diffusion_model."  # DiffusionWrapper's child name, kept in LitEma's parameter names
