@@ -55,7 +55,8 @@ def run(args) -> int:
     print(f"[demo] 2/4 sampling {args.num_samples} digits from {folder} (EMA weights)")
     samples, _ = sample_pipeline(str(folder), args.num_samples, seed=args.seed, device="cpu")
     grid_path = output / "samples.png"
-    save_grid(make_grid(samples[:64], nrow=8), grid_path)
+    shown = samples[:64].repeat_interleave(4, dim=-1).repeat_interleave(4, dim=-2)  # 8×8 digits are tiny: 4× nearest
+    save_grid(make_grid(shown, nrow=8), grid_path)
 
     print("[demo] 3/4 original checkpoint → diffusers folder round trip")
     converted = original_to_diffusers(outputs["original_ckpt"], Path(outputs["original_ckpt"]).with_suffix(".yaml"),
@@ -71,7 +72,7 @@ def run(args) -> int:
     minutes = (time.time() - started) / 60
     print(f"\n[demo] done in {minutes:.1f} min. Where everything is:")
     for name, path in [
-        ("pipeline folder (LDMCompatPipeline/DiffusionPipeline.from_pretrained)", folder),
+        ("pipeline folder (LDMCompatPipeline.from_pretrained)", folder),
         ("original checkpoint + YAML (loads in CompVis latent-diffusion)", outputs["original_ckpt"]),
         ("converted back from the checkpoint", converted),
         ("sample grid", grid_path),
