@@ -233,7 +233,7 @@ def measure_mode(models: dict, mode: str, batch: int, inputs, args, device: torc
     for cname, model in models.items():
         wall, cpu = summarize(times[cname]["wall"]), summarize(times[cname]["cpu"])
         entry = {
-            "wall": wall, "cpu": cpu,
+            "wall": wall, "cpu": cpu, "wall_samples_ms": [round(x * 1e3, 3) for x in times[cname]["wall"]],
             "img_per_s": batch / (wall["median_ms"] / 1e3),
             "ratio_vs_diffusers": wall["median_ms"] / 1e3 / base,
             "cpu_ratio_vs_diffusers": cpu["median_ms"] / 1e3 / base_cpu if base_cpu > 0 else None,
