@@ -80,3 +80,15 @@ def load_layout(name: str) -> dict:
 def load_litema_trajectory() -> tuple[dict, dict[str, torch.Tensor]]:
     meta = json.loads((FIXTURES / "litema_trajectory.json").read_text())
     return meta, load_file(FIXTURES / "litema_trajectory.safetensors")
+
+
+def case_pipeline(name: str):
+    """An ``LDMCompatPipeline`` for a case, with its training weights (the fixtures' DDIM chains used them)."""
+    from ldm_compat import LDMCompatPipeline
+
+    case = load_case(name)
+    pipe = LDMCompatPipeline.from_ldm_config(case.config)
+    pipe.unet.load_original_state_dict(case.unet_state_dict())
+    pipe.unet.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -17,10 +17,9 @@ from pathlib import Path
 import torch
 from hub_server import LocalHub
 from huggingface_hub import ModelCard
-from reference_cases import load_case
+from reference_cases import case_pipeline, load_case
 
 from ldm_compat.hub import write_card_extras
-from ldm_compat.pipelines import LDMCompatPipeline
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CROSS_PROCESS_TOL = 1e-5  # another process may pick other float32 kernels (1 ulp seen); same numbers otherwise
@@ -80,17 +79,8 @@ print("RESULTS " + json.dumps(results))
 """
 
 
-def fixture_pipeline(name: str) -> LDMCompatPipeline:
-    case = load_case(name)
-    pipe = LDMCompatPipeline.from_ldm_config(case.config)
-    pipe.unet.load_original_state_dict(case.unet_state_dict())
-    pipe.unet.eval()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def test_push_and_load_by_repo_id(tmp_path):
-    uncond, cond = fixture_pipeline("ddpm_eps_linear"), fixture_pipeline("ddpm_v_sqrtlinear_crossattn")
+    uncond, cond = case_pipeline("ddpm_eps_linear"), case_pipeline("ddpm_v_sqrtlinear_crossattn")
     uncond.save_pretrained(tmp_path / "uncond")
     # a training output folder: the pipeline plus what must not be pushed
     train_out = tmp_path / "train_out"

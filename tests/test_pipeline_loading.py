@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline
-from reference_cases import load_case
+from reference_cases import case_pipeline, load_case
 
 from ldm_compat import LDMDDIMScheduler, LDMDDPMScheduler, LDMUNetModel
 from ldm_compat.pipelines import LDMCompatPipeline
@@ -31,15 +31,6 @@ def modules_cache(tmp_path_factory, monkeypatch) -> Path:
     path = tmp_path_factory.mktemp("hf_modules")
     monkeypatch.setattr(dynamic_modules, "HF_MODULES_CACHE", str(path))
     return path
-
-
-def case_pipeline(name: str) -> LDMCompatPipeline:
-    case = load_case(name)
-    pipe = LDMCompatPipeline.from_ldm_config(case.config)
-    pipe.unet.load_original_state_dict(case.unet_state_dict())
-    pipe.unet.eval()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def sample(pipe, **kwargs) -> torch.Tensor:

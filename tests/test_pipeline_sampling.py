@@ -24,7 +24,7 @@ from diffusers import (
 )
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.unets.unet_2d import UNet2DOutput
-from reference_cases import CASES, load_case
+from reference_cases import CASES, case_pipeline, load_case
 from torch import nn
 
 from ldm_compat import LDMDDIMScheduler, LDMDDPMScheduler
@@ -33,16 +33,6 @@ from ldm_compat.schedulers import stock_ddim_overrides
 
 DDIM_TOL = 1e-4
 CHAIN_TOL = 1e-5
-
-
-def case_pipeline(name: str) -> LDMCompatPipeline:
-    """The case's pipeline with its training weights (the fixtures' DDIM chains were sampled with them)."""
-    case = load_case(name)
-    pipe = LDMCompatPipeline.from_ldm_config(case.config)
-    pipe.unet.load_original_state_dict(case.unet_state_dict())
-    pipe.unet.eval()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def ddim_call(pipe: LDMCompatPipeline, case, **kwargs):
