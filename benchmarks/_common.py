@@ -20,7 +20,7 @@ import torch
 
 
 def setup_device(device: str, threads: int | None) -> torch.device:
-    """Check ``device`` and set the CPU thread count; CUDA also gets TF32 off (fp32 stays fp32, bf16 is autocast)."""
+    """Check ``device`` and set the CPU thread count (TF32 and other CUDA settings stay at PyTorch's defaults)."""
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device available")
