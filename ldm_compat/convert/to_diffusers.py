@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import yaml
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 from ldm_compat.config import load_ldm_config, to_plain
 from ldm_compat.convert.atomic_dir import atomic_directory
@@ -45,6 +46,7 @@ TRAINING_WEIGHTS_FILE = f"{EXTRAS}/training_unet.safetensors"
 EXTRA_TENSORS_FILE = f"{EXTRAS}/extra_tensors.safetensors"
 ENTRIES_FILE = f"{EXTRAS}/checkpoint_entries.safetensors"
 FORMAT = "ldm_compat.conversion/1"
+PROGRESS_BAR_BYTES = 256 * 2**20  # show a progress bar for checkpoints larger than this
 DDPM_TARGET = "ldm.models.diffusion.ddpm.DDPM"
 UNET_TARGET = "ldm.modules.diffusionmodules.openaimodel.UNetModel"
 
@@ -262,16 +264,23 @@ def write_folder(
         else None,
         "target": config["model"].get("target", DDPM_TARGET),
     }
-    with atomic_directory(output_dir, overwrite=overwrite) as tmp:
+    total_bytes = sum(t.numel() * t.element_size() for t in state_dict.values())
+    progress = tqdm(total=4, desc=f"writing {Path(output_dir).name}", unit="part",
+                    disable=total_bytes < PROGRESS_BAR_BYTES)  # fmt: skip
+    with atomic_directory(output_dir, overwrite=overwrite) as tmp, progress:
         save_pipeline(tmp, unet, scheduler, params)
+        progress.update()
         (tmp / EXTRAS).mkdir(exist_ok=True)
         (tmp / CONFIG_FILE).write_text(config_text if config_text is not None else yaml.safe_dump(full_config))
         (tmp / TRAINING_FILE).write_text(json.dumps(training_facts, indent=1) + "\n")
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
         if manifest["sampling_weights"] == "ema":
             _save_tensors(tmp / TRAINING_WEIGHTS_FILE, parts.unet)
+        progress.update()
         _save_tensors(tmp / EXTRA_TENSORS_FILE, extra)
+        progress.update()
         _save_tensors(tmp / ENTRIES_FILE, entry_tensors)
+        progress.update()
     return Path(output_dir)
 
 
