@@ -99,7 +99,7 @@ class Trainer:
 
     def _setup(self, options: TrainOptions) -> None:
         from accelerate import Accelerator
-        from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+        from accelerate.utils import ProjectConfiguration, set_seed
 
         self.accelerator = Accelerator(
             gradient_accumulation_steps=self.settings.accumulate_grad_batches,
@@ -108,7 +108,6 @@ class Trainer:
             project_config=ProjectConfiguration(
                 project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")
             ),
-            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=options.seed),
         )
         set_seed(options.seed)
         self.state = RunState()
