@@ -16,6 +16,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from ldm_compat.config import model_params
+from ldm_compat.schedulers.common import extract
 
 LOSS_TYPES = ("l1", "l2")
 PARAMETERIZATIONS = ("eps", "x0", "v")
@@ -30,11 +31,6 @@ OBJECTIVE_KEYS = (
     "conditioning_key",
 )
 SCHEDULE_KEYS = ("timesteps", "beta_schedule", "linear_start", "linear_end", "cosine_s", "given_betas", "v_posterior")
-
-
-def extract(values: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
-    """``values[t]`` shaped ``(b, 1, …, 1)`` to broadcast over an ``ndim``-D batch (``extract_into_tensor``)."""
-    return values.gather(-1, t).reshape(t.shape[0], *((1,) * (ndim - 1)))
 
 
 def lvlb_weights_from_buffers(
