@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "LDMDDPMScheduler": "ldm_compat.schedulers.scheduling_ldm_ddpm",
     "LDMDDIMScheduler": "ldm_compat.schedulers.scheduling_ldm_ddim",
+    "LDMPLMSScheduler": "ldm_compat.schedulers.scheduling_ldm_plms",
     "LDMUNetModel": "ldm_compat.models.unet_ldm",
     "DDPMObjective": "ldm_compat.training.objective",
     "LitEmaModel": "ldm_compat.training.ema",

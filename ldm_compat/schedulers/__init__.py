@@ -29,12 +29,14 @@ from .schedule import (
 )
 from .scheduling_ldm_ddim import LDMDDIMScheduler, stock_ddim_overrides
 from .scheduling_ldm_ddpm import LDMDDPMScheduler
+from .scheduling_ldm_plms import LDMPLMSScheduler
 
 __all__ = [
     "ConfigMixin",
     "DIFFUSERS_OF_LDM_SCHEDULE",
     "LDMDDIMScheduler",
     "LDMDDPMScheduler",
+    "LDMPLMSScheduler",
     "LDM_BETA_SCHEDULES",
     "LDM_BUFFER_NAMES",
     "PARAMETERIZATION_OF_PREDICTION_TYPE",
