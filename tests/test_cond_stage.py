@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file
 
@@ -287,3 +288,54 @@ def test_class_embedder_label_dropout_in_training_only_unless_bug_compat():
     assert torch.equal(out, want) and 0 < keep.sum() < 8
     bug = ClassEmbedderModel(embed_dim=4, n_classes=10, ucg_rate=1.0, ldm_bug_compat=True).eval()
     assert torch.equal(bug(labels), bug.embedding.weight[9].expand(8, 1, 4))
+
+
+# --- the other original layers ----------------------------------------------------------------------------------------
+
+
+def open_clip_text_forward(state: dict, tokens: torch.Tensor, blocks: int, heads: int) -> torch.Tensor:
+    """The SD2 fork's encode_with_transformer written out on open_clip's modules (LND, nn.MultiheadAttention)."""
+    m = {k[len("model.") :]: v for k, v in state.items()}
+    width = m["ln_final.weight"].shape[0]
+    x = (m["token_embedding.weight"][tokens] + m["positional_embedding"]).permute(1, 0, 2)
+    mask = torch.full((77, 77), float("-inf")).triu_(1)
+    for i in range(blocks):
+        p = f"transformer.resblocks.{i}."
+        attn = torch.nn.MultiheadAttention(width, heads).eval()
+        attn.load_state_dict({k[len(p + "attn.") :]: v for k, v in m.items() if k.startswith(p + "attn.")})
+        h = F.layer_norm(x, (width,), m[p + "ln_1.weight"], m[p + "ln_1.bias"])
+        x = x + attn(h, h, h, need_weights=False, attn_mask=mask)[0]
+        h = F.layer_norm(x, (width,), m[p + "ln_2.weight"], m[p + "ln_2.bias"])
+        h = F.gelu(F.linear(h, m[p + "mlp.c_fc.weight"], m[p + "mlp.c_fc.bias"]))
+        x = x + F.linear(h, m[p + "mlp.c_proj.weight"], m[p + "mlp.c_proj.bias"])
+    return F.layer_norm(x.permute(1, 0, 2), (width,), m["ln_final.weight"], m["ln_final.bias"])
+
+
+@pytest.mark.parametrize("layer, blocks", [("last", 3), ("penultimate", 2)])
+def test_open_clip_layers_match_the_original_forward(layer, blocks):
+    config, state, io, meta = _case("sd2_kl_openclip_v")
+    stage = build_cond_stage({**config, "params": {**config["params"], "layer": layer}}, state, search_dirs=[FIXTURES])
+    assert stage.text_encoder.config.num_hidden_layers == blocks
+    with torch.no_grad():
+        want = open_clip_text_forward(state, io["cond.token_ids"], blocks, heads=2)
+        torch.testing.assert_close(stage.encode(meta["prompts"]), want, atol=ATOL, rtol=0)
+    assert_same_state(stage.original_state_dict(), state)
+
+
+def test_clip_pooled_and_hidden_layers():
+    """SD2 fork's FrozenCLIPEmbedder: "pooled" = pooler_output (the eot position) b x 1 x d; "hidden" = hidden_states
+    [layer_idx] (no final norm, so final_layer_norm of hidden_states[-1] is the fixture's "last")."""
+    config, state, io, meta = _case("sd1_kl_clip_eps")
+
+    def stage(**params):
+        return build_cond_stage({**config, "params": {**config["params"], **params}}, state, search_dirs=[FIXTURES])
+
+    with torch.no_grad():
+        pooled = stage(layer="pooled").encode(meta["prompts"])
+        eot = io["cond.token_ids"].argmax(dim=-1)
+        torch.testing.assert_close(pooled[:, 0], io["cond.c"][torch.arange(2), eot], atol=ATOL, rtol=0)
+        hidden = stage(layer="hidden", layer_idx=-1)
+        last = hidden.text_encoder.final_layer_norm(hidden.encode(meta["prompts"]))
+        torch.testing.assert_close(last, io["cond.c"], atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="layer_idx"):
+        stage(layer="hidden")

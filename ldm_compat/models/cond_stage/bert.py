@@ -25,8 +25,10 @@ from .tokenizers import BERT_FILES, BERT_HUB_IDS, BERT_VERSION, resolve_tokenize
 TARGET = "ldm.modules.encoders.modules.BERTEmbedder"
 COMPONENT = "bert"
 HEADS, DIM_HEAD, FF_MULT = 8, 64, 4  # x-transformers' defaults, which BERTEmbedder never overrides
-TOP_MODULES = (("transformer.token_emb", "model.embed_tokens"), ("transformer.pos_emb.emb", "model.embed_positions"),
-               ("transformer.norm", "model.layer_norm"), ("transformer.to_logits", "to_logits"))  # fmt: skip
+# in the original's order: embeddings, the layers, then the final norm and to_logits
+EMBEDDING_MODULES = (("transformer.token_emb", "model.embed_tokens"),
+                     ("transformer.pos_emb.emb", "model.embed_positions"))  # fmt: skip
+HEAD_MODULES = (("transformer.norm", "model.layer_norm"), ("transformer.to_logits", "to_logits"))
 # layer i of LDMBert = original attn_layers.layers[2i] (attention) and [2i+1] (feed-forward)
 ATTENTION_MODULES = (("0", "self_attn_layer_norm"), ("1.to_q", "self_attn.q_proj"), ("1.to_k", "self_attn.k_proj"),
                      ("1.to_v", "self_attn.v_proj"), ("1.to_out", "self_attn.out_proj"))  # fmt: skip
@@ -58,14 +60,14 @@ def bert_config(params: Mapping, owner: str):
 
 def module_pairs(layers: int) -> list[tuple[str, str]]:
     """(original module, LDMBertModel module) for the whole network."""
-    pairs = list(TOP_MODULES)
+    pairs = list(EMBEDDING_MODULES)
     for i in range(layers):
         pairs += [
             (f"transformer.attn_layers.layers.{2 * i}.{o}", f"model.layers.{i}.{h}") for o, h in ATTENTION_MODULES
         ]
         ff = FEED_FORWARD_MODULES
         pairs += [(f"transformer.attn_layers.layers.{2 * i + 1}.{o}", f"model.layers.{i}.{h}") for o, h in ff]
-    return pairs
+    return pairs + list(HEAD_MODULES)
 
 
 def parameter_map(model) -> dict[str, str]:
