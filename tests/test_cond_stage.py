@@ -257,9 +257,8 @@ def test_open_clip_weights_must_fit_the_arch():
 def test_random_init_has_the_original_keys_and_shapes(name):
     config, state, _, _ = _case(name)
     stage = build_cond_stage(config, None, search_dirs=[FIXTURES])
-    got = stage.original_state_dict()
-    assert {k: (v.shape, v.dtype) for k, v in got.items() if not k.endswith("position_ids")} == {
-        k: (v.shape, v.dtype) for k, v in state.items() if not k.endswith("position_ids")}  # fmt: skip
+    got = stage.original_state_dict()  # in the layout of the transformers the original pins: with position_ids
+    assert {k: (v.shape, v.dtype) for k, v in got.items()} == {k: (v.shape, v.dtype) for k, v in state.items()}
 
 
 def test_trivial_cond_stages_have_no_components():
@@ -339,3 +338,21 @@ def test_clip_pooled_and_hidden_layers():
         torch.testing.assert_close(last, io["cond.c"], atol=ATOL, rtol=0)
     with pytest.raises(ValueError, match="layer_idx"):
         stage(layer="hidden")
+
+
+def test_version_found_in_the_hub_cache(tmp_path, monkeypatch):
+    """A Hub id in the YAML resolves to its cached snapshot (no network): refs/main → snapshots/<commit>/."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    repo = tmp_path / "hub" / "models--openai--clip-vit-large-patch14"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    shutil.copytree(FIXTURES / "tiny_clip", repo / "snapshots" / ("0" * 40))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    config, state, io, meta = _case("sd1_kl_clip_eps")
+    published = {**config, "params": {**config["params"], "version": "openai/clip-vit-large-patch14"}}
+    stage = build_cond_stage(published, state, search_dirs=[tmp_path])
+    assert stage.text_encoder.config.num_hidden_layers == 2  # the cached config.json, not the published numbers
+    assert torch.equal(stage.tokenize(meta["prompts"]), io["cond.token_ids"])

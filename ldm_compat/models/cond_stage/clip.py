@@ -119,8 +119,11 @@ class CLIPCondStage(CondStage):
                 model = CLIPTextModel.from_pretrained(weights, attn_implementation=ATTN_IMPLEMENTATION)
             else:
                 model = CLIPTextModel(config)
+            # export in the layout of the transformers the original pins (4.19): nested, with position_ids
             setattr(model.config, LAYOUT_ATTR, NESTED_ROOT)
-            return cls(params, model.eval(), tokenizer, {}, NESTED_ROOT)
+            root = model_root(model)
+            kept = {NESTED_ROOT + name[len(root) :]: buffer.clone() for name, buffer in model.named_buffers()}
+            return cls(params, model.eval(), tokenizer, kept, NESTED_ROOT)
         original_root = NESTED_ROOT if any(k.startswith(NESTED_ROOT) for k in state) else FLAT_ROOT
         model = meta_init(lambda: CLIPTextModel(config), materialize=False)
         kept = cls._load(model, state, original_root)
