@@ -142,13 +142,3 @@ def set_buffer(module: nn.Module, name: str, value: Tensor) -> None:
     owner = module.get_submodule(owner_name) if owner_name else module
     persistent = leaf not in owner._non_persistent_buffers_set
     owner.register_buffer(leaf, value, persistent=persistent)
-
-
-def strip_prefix(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-
-
-def require_params(params: Mapping, names, owner: str) -> None:
-    missing = [n for n in names if n not in params]
-    if missing:
-        raise ValueError(f"{owner}: cond_stage_config.params needs {', '.join(missing)}")
