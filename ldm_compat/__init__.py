@@ -14,6 +14,7 @@ _EXPORTS = {
     "LDMDDIMScheduler": "ldm_compat.schedulers.scheduling_ldm_ddim",
     "LDMPLMSScheduler": "ldm_compat.schedulers.scheduling_ldm_plms",
     "LDMUNetModel": "ldm_compat.models.unet_ldm",
+    "ClassEmbedderModel": "ldm_compat.models.cond_stage.class_embedder",
     "DDPMObjective": "ldm_compat.training.objective",
     "LitEmaModel": "ldm_compat.training.ema",
     "LDMCompatPipeline": "ldm_compat.pipelines.pipeline_ldm_compat",
