@@ -219,10 +219,11 @@ def make_ddim_timesteps(
         raise ValueError(f"ddim_discretize={discretize!r}: expected one of {DDIM_DISCRETIZATIONS}")
     timesteps = timesteps + offset  # the original's + 1 ("to get the final alpha values right")
     if timesteps.max() >= total:
+        hint = "T // steps does not divide T - 1" if offset == 1 else "the grid stays below T"
         raise ValueError(
-            f"num_inference_steps={steps}: the original DDIM grid range(0, {total}, {total // steps}) + {offset} reaches "
-            f"t={int(timesteps.max())}, past the last training timestep {total - 1} (the original fails here too); "
-            "choose a number of steps for which T // steps does not divide T - 1"
+            f"num_inference_steps={steps}: the original DDIM grid range(0, {total}, {total // steps}) + {offset} "
+            f"reaches t={int(timesteps.max())}, past the last training timestep {total - 1} (the original fails here "
+            f"too); choose a number of steps for which {hint}"
         )
     return timesteps
 
