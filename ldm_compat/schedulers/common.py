@@ -318,11 +318,12 @@ def _source_class(cls, config: Mapping[str, Any], used: list[str]):
     ``__init__`` keys are among the config's keys and cover its ``_use_default_values`` (unique, or all agreeing on
     those defaults)."""
     import diffusers
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
     name = config.get("_class_name")
     if isinstance(name, str) and name not in LDM_SCHEDULER_NAMES:
         klass = getattr(diffusers, name, None)
-        return klass if isinstance(klass, type) else None
+        return klass if isinstance(klass, type) and issubclass(klass, SchedulerMixin) else None
     keys = {k for k in config if not k.startswith("_")}
     candidates = []
     for klass in cls._get_compatibles():
