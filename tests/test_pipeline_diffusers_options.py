@@ -39,9 +39,10 @@ def saved_cond(tmp_path_factory):
 
 
 def same_weights(a, b, dtype=None) -> bool:
+    """``a`` holds ``b``'s weights (cast to ``dtype``), wherever ``a`` was placed."""
     sa, sb = a.state_dict(), b.state_dict()
     return list(sa) == list(sb) and all(
-        torch.equal(sa[k], sb[k] if dtype is None else sb[k].to(dtype)) and sa[k].dtype == (dtype or sb[k].dtype)
+        torch.equal(sa[k].cpu(), sb[k] if dtype is None else sb[k].to(dtype)) and sa[k].dtype == (dtype or sb[k].dtype)
         for k in sa
     )
 
@@ -60,10 +61,10 @@ def test_device_map_strategies_as_in_diffusers(saved, saved_cond, device_map):
     stock = DiffusionPipeline.from_pretrained(folder, device_map=device_map)
     assert type(stock) is DDPMPipeline and ours.hf_device_map == stock.hf_device_map
     assert ours.unet.device == stock.unet.device
-    assert same_weights(ours.unet.to("cpu"), pipe.unet)
+    assert same_weights(ours.unet, pipe.unet)
     cond, cond_folder = saved_cond
     loaded = LDMCompatPipeline.from_pretrained(cond_folder, device_map=device_map)
-    assert loaded.hf_device_map == ours.hf_device_map and same_weights(loaded.unet.to("cpu"), cond.unet)
+    assert loaded.hf_device_map == ours.hf_device_map and same_weights(loaded.unet, cond.unet)
 
 
 def test_device_map_cpu_samples_the_saved_model(saved):
@@ -99,6 +100,7 @@ def test_unsupported_device_maps_refused_as_in_diffusers(saved, kwargs):
 
 
 # ---------------------------------------------------------------------------------------------------- dtype
+@pytest.mark.filterwarnings("ignore:`torch_dtype` is deprecated:FutureWarning")
 @pytest.mark.parametrize("name", ["dtype", "torch_dtype"])
 @pytest.mark.parametrize(
     "value, expected",
