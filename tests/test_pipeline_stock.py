@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMPipeline
+from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 from reference_cases import case_pipeline
 
 from ldm_compat import LDMDDIMScheduler
@@ -61,6 +61,28 @@ def test_swapped_scheduler_and_per_sample_generators_equal():
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("scheduler_class", [DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler])
+def test_diffusers_schedulers_named_stock_sample_identically(scheduler_class):
+    pipe = case_pipeline("ddpm_eps_linear")
+    pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+    assert pipe.stock_pipeline == "DDPMPipeline"
+    ours, stock = both(pipe)
+    a = ours(batch_size=2, generator=torch.Generator().manual_seed(5), num_inference_steps=8, output_type="pt")
+    b = stock(batch_size=2, generator=torch.Generator().manual_seed(5), num_inference_steps=8, output_type="pt")
+    assert torch.equal(a.images, b.images)
+
+
+def test_schedulers_ddpm_pipeline_runs_differently_keep_our_class():
+    # Euler scales x_T (init_noise_sigma) and the UNet input, which DDPMPipeline does not do
+    pipe = case_pipeline("ddpm_eps_linear")
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    assert pipe.scheduler.init_noise_sigma != 1 and pipe.stock_pipeline is None
+    ours, stock = both(pipe)
+    a = ours(batch_size=1, generator=torch.Generator().manual_seed(5), num_inference_steps=4, output_type="pt")
+    b = stock(batch_size=1, generator=torch.Generator().manual_seed(5), num_inference_steps=4, output_type="pt")
+    assert not torch.equal(a.images, b.images)
+
+
 def test_what_ddpm_pipeline_reads_from_the_unet():
     unet = case_pipeline("ddpm_eps_linear").unet
     # DDPMPipeline: shape from config.sample_size and config.in_channels, dtype, and unet(x, t).sample with a 0-d t
@@ -82,3 +104,5 @@ def test_stock_pipeline_for():
     for key in ("concat", "crossattn", "hybrid", "adm", "crossattn-adm", "hybrid-adm"):
         assert stock_pipeline_for(key, unet) is None
     assert stock_pipeline_for(None, unet, vqvae=object()) is None  # no stock class for more components yet
+    assert stock_pipeline_for(None, unet, scheduler=EulerDiscreteScheduler) is None
+    assert stock_pipeline_for(None, unet, scheduler=LDMDDIMScheduler) == "DDPMPipeline"

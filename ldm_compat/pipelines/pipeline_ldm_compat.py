@@ -117,7 +117,12 @@ class LDMCompatPipeline(DiffusionPipeline):
         c = self.config
         components = {k: v for k, v in self.components.items() if k not in ("unet", "scheduler")}
         return stock_pipeline_for(
-            c.conditioning_key, dict(self.unet.config), image_size=c.image_size, channels=c.channels, **components
+            c.conditioning_key,
+            dict(self.unet.config),
+            image_size=c.image_size,
+            channels=c.channels,
+            scheduler=type(self.scheduler),
+            **components,
         )
 
     @property

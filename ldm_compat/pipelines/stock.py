@@ -15,6 +15,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+#: schedulers with which ``DDPMPipeline``'s loop is ours: ``init_noise_sigma`` 1, an identity ``scale_model_input``
+#: (``DDPMPipeline`` calls neither), and a ``step`` that takes ``generator`` (``DDPMPipeline`` always passes it) and
+#: whose other options are at the defaults ``LDMCompatPipeline`` passes (``eta=0``); by (package, class name)
+DDPM_PIPELINE_SCHEDULERS = {
+    ("ldm_compat", "LDMDDPMScheduler"),
+    ("ldm_compat", "LDMDDIMScheduler"),
+    ("diffusers", "DDPMScheduler"),
+    ("diffusers", "DDIMScheduler"),
+    ("diffusers", "DPMSolverMultistepScheduler"),
+}
+
 #: ``LDMCompatPipeline`` config keys left out of ``model_index.json`` for each stock class (the stock class takes
 #: none of them; ``stock_pipeline_for`` only picks the class when they are at the values it reproduces)
 DROPPED_KEYS = {"DDPMPipeline": ("conditioning_key", "image_size", "channels")}
@@ -34,17 +45,24 @@ def stock_pipeline_for(
     *,
     image_size: int | None = None,
     channels: int | None = None,
+    scheduler: type | None = None,
     **components,
 ) -> str | None:
     """The diffusers pipeline class name that samples this model exactly like ``LDMCompatPipeline``, else ``None``.
 
     ``DDPMPipeline``: an unconditional model whose sample shape is the UNet's (``sample_size`` × ``in_channels``),
-    with a UNet and a scheduler only. Its loop is ours: the same ``randn_tensor`` draw of ``x_T`` from the
-    generator, ``unet(x, t).sample`` and ``scheduler.step(..., generator=generator)`` for every timestep, then
-    ``(x / 2 + 0.5).clamp(0, 1)``. ``components`` are any further components of the pipeline (first / cond
-    stages of latent models, by their ``model_index.json`` names); no stock class is named for them yet.
+    with a UNet and a scheduler (class ``scheduler``; ``None``: an ldm_compat one) of ``DDPM_PIPELINE_SCHEDULERS``
+    only. Its loop is then ours: the same ``randn_tensor`` draw of ``x_T`` from the generator, ``unet(x,
+    t).sample`` and ``scheduler.step(..., generator=generator)`` for every timestep, then ``(x / 2 +
+    0.5).clamp(0, 1)``. ``components`` are any further components of the pipeline (first / cond stages of latent
+    models, by their ``model_index.json`` names); no stock class is named for them yet.
     """
     if components:
+        return None
+    if (
+        scheduler is not None
+        and (scheduler.__module__.split(".")[0], scheduler.__name__) not in DDPM_PIPELINE_SCHEDULERS
+    ):
         return None
     if conditioning_key is not None:
         return None
