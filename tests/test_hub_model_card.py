@@ -56,7 +56,7 @@ def test_unconditional_card(tmp_path):
     assert 'LDMCompatPipeline.from_pretrained("someone/eps")' in text
     # a stock DDPMPipeline folder holds no code: plain diffusers needs no trust_remote_code
     assert 'DiffusionPipeline.from_pretrained(snapshot_download("someone/eps"))' in text
-    assert "trust_remote_code=True)" not in text and "num_inference_steps=100).images" in text
+    assert "trust_remote_code=True)" not in text and "num_inference_steps=T).images" in text
     assert "encoder_hidden_states=" not in text and "## Samples" not in text and "## Original config" not in text
     assert "hf download someone/eps --local-dir eps\nldm-compat export eps --output model.ckpt" in text
     # the YAML header round-trips through huggingface_hub
