@@ -22,6 +22,11 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
+# diffusers loads a component named ["ldm_compat", "LDMUNetModel"] in model_index.json by finding the class *and*
+# its loadable base classes in this namespace (pipeline_loading_utils.get_class_obj_and_candidates), as it finds
+# them in ``diffusers`` itself; not public names of ldm_compat
+_EXPORTS.update(ModelMixin="diffusers", SchedulerMixin="diffusers")
+
 
 def __getattr__(name: str):
     module = _EXPORTS.get(name)
