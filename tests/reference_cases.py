@@ -98,14 +98,15 @@ def case_pipeline(name: str):
     return pipe
 
 
-LATENT_FIXTURES = FIXTURES.parent / "ldm_reference_latent"
+# ---------------------------------------------------------------------------------------------------- latent models
+LATENT_FIXTURES = Path(__file__).parent / "fixtures" / "ldm_reference_latent"
 LATENT_CASES = sorted(p.name[: -len(".ckpt")] for p in LATENT_FIXTURES.glob("*.ckpt"))
 FIRST_STAGE_PREFIX = "first_stage_model."
 
 
 @cache
 def load_latent_case(name: str) -> ReferenceCase:
-    """A case of ``ldm_reference_latent`` (LatentDiffusion models; same files as ``ldm_reference``)."""
+    """A case of ``fixtures/ldm_reference_latent`` (same files and fields as the pixel cases)."""
     if name not in LATENT_CASES:
         raise KeyError(f"no latent reference case {name!r}; have {LATENT_CASES}")
     return _read_case(LATENT_FIXTURES, name)
@@ -115,3 +116,21 @@ def first_stage_state_dict(case: ReferenceCase) -> dict[str, torch.Tensor]:
     """The ``first_stage_model.*`` tensors with that prefix removed, in checkpoint order."""
     n = len(FIRST_STAGE_PREFIX)
     return {k[n:]: v for k, v in case.state_dict.items() if k.startswith(FIRST_STAGE_PREFIX)}
+
+
+def case_unet(case: ReferenceCase, weights: str = "training"):
+    """The case's ``LDMUNetModel`` (eval mode) from its ``unet_config``, with the training weights
+    (``model.diffusion_model.*``) or the EMA weights (``model_ema.*``, LitEma names mapped by the converter's rules)."""
+    from ldm_compat import LDMUNetModel
+    from ldm_compat.convert.layout import OriginalStateDict, ema_shadow_map
+
+    parts = OriginalStateDict.split(case.state_dict)
+    if weights == "ema":
+        state_dict = {name: parts.ema[shadow] for name, shadow in ema_shadow_map(parts.unet).items()}
+    elif weights == "training":
+        state_dict = parts.unet
+    else:
+        raise ValueError(f"weights={weights!r}: expected 'training' or 'ema'")
+    unet = LDMUNetModel.from_ldm_config(case.unet_config)
+    unet.load_original_state_dict(state_dict)
+    return unet.eval()
