@@ -192,9 +192,18 @@ def save_pipeline(directory: Path, unet, scheduler, params: Mapping, stages: Lat
         image_size=params.get("image_size"),
         channels=params.get("channels"),
     )
-    pipe.save_pretrained(directory, safe_serialization=True)
-    if stages is not None:
+    if stages is not None and stages.components:
+        # a latent folder names LDMCompatPipeline, never a stock pipeline that would run the UNet alone (choosing a
+        # stock latent pipeline is issue 15): the diffusers save, then our folder format without a stock class
+        from diffusers import DiffusionPipeline
+
+        from ldm_compat.pipelines.folder import finalize_folder
+
+        DiffusionPipeline.save_pretrained(pipe, directory, safe_serialization=True)
+        finalize_folder(directory, LDMCompatPipeline, None)
         stages.save(directory)
+    else:
+        pipe.save_pretrained(directory, safe_serialization=True)
 
 
 def _save_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
