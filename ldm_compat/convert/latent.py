@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from ldm_compat.convert.layout import COND_STAGE_PREFIX, FIRST_STAGE_PREFIX
+from ldm_compat.pipelines.stock import first_stage_component
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,12 @@ LATENT_TARGETS = (
 # LatentInpaintDiffusion's own arguments (Stability-AI ddpm.py)
 INPAINT_KEYS = frozenset({"concat_keys", "masked_image_key", "finetune_keys", "keep_finetune_dims",
                           "c_concat_log_start", "c_concat_log_end"})  # fmt: skip
-_FIRST_STAGE_FOLDERS = {"AutoencoderKL": "vae", "VQModel": "vqvae"}
+
+
+def _cond_target(cond_stage_config) -> str | None:
+    if cond_stage_config is None or isinstance(cond_stage_config, str):
+        return cond_stage_config
+    return cond_stage_config.get("target")
 
 
 @dataclass
@@ -108,7 +114,7 @@ def _first_stage(stages, params, tensors, state_dict, source) -> None:
     model = build_model(spec, scale_factor, device="meta")
     weights, kept = to_diffusers_state_dict(_strip(tensors, FIRST_STAGE_PREFIX), model, "first_stage_model")
     model.load_state_dict(weights, assign=True, strict=True)
-    subfolder = _FIRST_STAGE_FOLDERS[type(model).__name__]
+    subfolder = first_stage_component(type(model).__name__, _cond_target(params.get("cond_stage_config")))
     stages.components[subfolder] = model
     stages.extra.update({FIRST_STAGE_PREFIX + k: v for k, v in kept.items()})
     stages.manifest["first_stage"] = {

@@ -180,30 +180,33 @@ def _build_unet(unet_params: dict, weights: Mapping[str, torch.Tensor], source: 
     return unet
 
 
-def save_pipeline(directory: Path, unet, scheduler, params: Mapping, stages: LatentStages | None = None) -> None:
-    """Write the diffusers part of the folder with ``LDMCompatPipeline.save_pretrained`` (+ each latent stage
-    component's own ``save_pretrained``: they are not pipeline components yet, so model_index.json omits them)."""
+def save_pipeline(directory: Path, unet, scheduler, params: Mapping, stages: LatentStages | None = None,
+                  target: str | None = None) -> None:  # fmt: skip
+    """Write the diffusers part of the folder with ``LDMCompatPipeline.save_pretrained``; a LatentDiffusion's first
+    and cond stage are pipeline components (``ldm_compat.pipelines.latent_folder``), and the folder names the stock
+    pipeline that runs the model when there is one (``pipelines.stock``)."""
     from ldm_compat.pipelines.pipeline_ldm_compat import LDMCompatPipeline
 
-    pipe = LDMCompatPipeline(
-        unet=unet,
-        scheduler=scheduler,
-        conditioning_key=conditioning_key_of(params),
-        image_size=params.get("image_size"),
-        channels=params.get("channels"),
-    )
     if stages is not None and stages.components:
-        # a latent folder names LDMCompatPipeline, never a stock pipeline that would run the UNet alone (choosing a
-        # stock latent pipeline is issue 15): the diffusers save, then our folder format without a stock class
-        from diffusers import DiffusionPipeline
+        from ldm_compat.pipelines.latent_folder import latent_pipeline
 
-        from ldm_compat.pipelines.folder import finalize_folder
-
-        DiffusionPipeline.save_pretrained(pipe, directory, safe_serialization=True)
-        finalize_folder(directory, LDMCompatPipeline, None)
-        stages.save(directory)
+        manifest = stages.manifest
+        pipe = latent_pipeline(
+            unet, scheduler, params, stages.components, target=target, conditioning_key=conditioning_key_of(params),
+            first_stage_config=params.get("first_stage_config") if "subfolder" in manifest.get("first_stage", {})
+            else None,
+            cond_stage_config=params.get("cond_stage_config") if "components" in manifest.get("cond_stage", {})
+            else None,
+        )  # fmt: skip
     else:
-        pipe.save_pretrained(directory, safe_serialization=True)
+        pipe = LDMCompatPipeline(
+            unet=unet,
+            scheduler=scheduler,
+            conditioning_key=conditioning_key_of(params),
+            image_size=params.get("image_size"),
+            channels=params.get("channels"),
+        )
+    pipe.save_pretrained(directory, safe_serialization=True)
 
 
 def _save_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -299,7 +302,7 @@ def write_folder(
     progress = tqdm(total=4, desc=f"writing {Path(output_dir).name}", unit="part",
                     disable=total_bytes < PROGRESS_BAR_BYTES)  # fmt: skip
     with atomic_directory(output_dir, overwrite=overwrite) as tmp, progress:
-        save_pipeline(tmp, unet, scheduler, params, stages)
+        save_pipeline(tmp, unet, scheduler, params, stages, config["model"].get("target"))
         progress.update()
         (tmp / EXTRAS).mkdir(exist_ok=True)
         (tmp / CONFIG_FILE).write_text(config_text if config_text is not None else yaml.safe_dump(full_config))

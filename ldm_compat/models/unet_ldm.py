@@ -28,6 +28,7 @@ from .unet_config import (
     per_level,
     validate_unet_params,
 )
+from .unet_stock_call import check_stock_call, check_stock_config
 
 #: Prefix of the UNet's keys in an original LatentDiffusion/DDPM checkpoint (``DiffusionWrapper.diffusion_model``).
 ORIGINAL_PREFIX = "model.diffusion_model."
@@ -66,7 +67,10 @@ class LDMUNetModel(ModelMixin, ConfigMixin):
     """The original openaimodel ``UNetModel`` (CompVis latent-diffusion and Stability-AI stablediffusion).
 
     Takes the original ``unet_config.params`` verbatim (see ``docs/unet.md`` for every option). ``sample_size`` is
-    an alias of ``image_size`` kept in the config so stock diffusers pipelines can drive the model.
+    the size stock diffusers pipelines sample at (default: ``image_size``, which the original UNet stores but never
+    uses; a LatentDiffusion's own ``image_size`` may differ, e.g. SD 1.x: 64 latents, UNet ``image_size`` 32).
+    ``time_cond_proj_dim`` (only ``None``) is a config key diffusers' Stable Diffusion pipelines read
+    (``ldm_compat.models.unet_stock_call``).
 
     Deliberate differences from the original, none of which changes a value or a state-dict key:
 
@@ -115,16 +119,17 @@ class LDMUNetModel(ModelMixin, ConfigMixin):
         use_linear_in_transformer: bool = False,
         adm_in_channels: int | None = None,
         sample_size: int | None = None,
+        time_cond_proj_dim: None = None,
     ):
         args = dict(locals())
         super().__init__()
         p = {name: to_plain(args[name]) for name in ALL_PARAMS}
-        if sample_size is not None and image_size is not None and not _same(sample_size, image_size):
-            raise ValueError(f"sample_size: is an alias of image_size, got {sample_size!r} and {image_size!r}")
         if p["image_size"] is None:
             p["image_size"] = to_plain(sample_size)
         validate_unet_params(p)
-        self.register_to_config(**p, sample_size=p["image_size"])
+        stock = check_stock_config({"time_cond_proj_dim": time_cond_proj_dim})
+        sample_size = p["image_size"] if sample_size is None else to_plain(sample_size)
+        self.register_to_config(**p, sample_size=sample_size, **stock)
 
         levels = len(p["channel_mult"])
         self._nrb = per_level("num_res_blocks", p["num_res_blocks"], levels)
@@ -331,14 +336,24 @@ class LDMUNetModel(ModelMixin, ConfigMixin):
         encoder_hidden_states: torch.Tensor | list[torch.Tensor] | None = None,
         class_labels: torch.Tensor | None = None,
         return_dict: bool = True,
+        *,
+        timestep_cond: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cross_attention_kwargs: dict | None = None,
+        added_cond_kwargs: dict | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
     ) -> LDMUNetOutput | tuple[torch.Tensor]:
         """Predict from a noisy ``sample`` ``(B, in_channels, …)`` at ``timestep`` (scalar or ``(B,)``).
 
         ``encoder_hidden_states`` is the original's ``context`` (cross-attention; a list gives one tensor per
         transformer block, as Stability-AI's ``sequential_crossattn``); models without ``use_spatial_transformer``
         ignore it, as the original. ``class_labels`` is the original's ``y``, required iff ``num_classes`` is set.
-        Concat conditioning is the caller's ``torch.cat([x, c], 1)``.
+        Concat conditioning is the caller's ``torch.cat([x, c], 1)``. The keyword-only arguments are those stock
+        diffusers pipelines pass (``unet_stock_call``): only ``None`` / empty, anything else is a ``ValueError``.
         """
+        check_stock_call(timestep_cond=timestep_cond, attention_mask=attention_mask,
+                         cross_attention_kwargs=cross_attention_kwargs, added_cond_kwargs=added_cond_kwargs,
+                         encoder_attention_mask=encoder_attention_mask)  # fmt: skip
         autocast_on = torch.is_autocast_enabled(sample.device.type)
         cdt = self._compute_dtype
         if cdt is not None and not autocast_on and self.time_embed[0].weight.dtype != cdt:

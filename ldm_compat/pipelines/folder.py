@@ -40,7 +40,7 @@ import os
 import re
 from pathlib import Path
 
-from ldm_compat.pipelines.stock import DROPPED_KEYS
+from ldm_compat.pipelines.stock import DROPPED_KEYS, LATENT_KEYS, STOCK_ENTRIES
 
 MODEL_INDEX = "model_index.json"
 EXTRAS_DIR = "ldm_extras"
@@ -51,9 +51,20 @@ MODEL_CARD_FILE = "README.md"
 
 #: pipeline-level config keys (``register_to_config`` on the pipeline), with the original ``DDPM`` names
 PIPELINE_CONFIG_KEYS = ("conditioning_key", "image_size", "channels")
+#: the latent-model config keys (original ``LatentDiffusion`` names); left out of ``model_index.json`` at their
+#: defaults, so pixel-model folders are as before
+LATENT_CONFIG_KEYS = LATENT_KEYS
+LATENT_CONFIG_DEFAULTS = {"first_stage_config": None, "cond_stage_config": None, "scale_by_std": False,
+                          "concat_keys": None, "masked_image_key": None}  # fmt: skip
+#: the optional latent components; an absent one (``[null, null]``) is left out of ``model_index.json``
+LATENT_COMPONENT_NAMES = ("vae", "vqvae", "text_encoder", "tokenizer", "bert", "class_embedder")
+#: where a stock folder keeps the ``LDMCompatPipeline`` config its stock class does not take (diffusers ignores keys
+#: starting with ``_``; ``LDMCompatPipeline.load_config`` puts them back)
+STOCK_EXTRAS_KEY = "_ldm_compat"
 
-#: what ``LDMCompatPipeline.download`` fetches from a Hub repo: configs, safetensors weights, loader files, extras
-DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.py", f"{EXTRAS_DIR}/*"]
+#: what ``LDMCompatPipeline.download`` fetches from a Hub repo: configs, safetensors weights, loader files, the
+#: tokenizer's files (vocab.txt, merges.txt), extras
+DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.py", "tokenizer/*", f"{EXTRAS_DIR}/*"]
 
 #: weight formats that unpickle on load; never written, pushed or downloaded by ldm_compat
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
@@ -147,6 +158,8 @@ def importable_index(folder: str | os.PathLike | None, index: dict) -> dict:
     index = dict(index)
     if isinstance(index.get("_class_name"), (list, tuple)):
         index["_class_name"] = index["_class_name"][1]
+    for key, value in (index.pop(STOCK_EXTRAS_KEY, None) or {}).items():
+        index.setdefault(key, value)
     for name in component_folders(index):
         cls = component_class(folder, index, name)
         if cls is not None:
@@ -159,14 +172,22 @@ def finalize_folder(save_directory: str | os.PathLike, pipeline_class: type, sto
     """Turn a folder freshly written by ``DiffusionPipeline.save_pretrained`` into the ldm_compat format.
 
     ``stock_class`` (from ``stock.stock_pipeline_for``): the diffusers pipeline named as ``_class_name``; its
-    ``DROPPED_KEYS`` leave the index and our components are named by the ``ldm_compat`` package (a component the
+    ``DROPPED_KEYS`` leave the index (those not at their defaults are kept under ``_ldm_compat``), its
+    ``STOCK_ENTRIES`` are added, and our components are named by the ``ldm_compat`` package (a component the
     package does not export gets a loader file). ``None``: ``_class_name`` names ``pipeline_class`` through its
-    loader file, and so does every ldm_compat component. Components from other libraries (diffusers' own, or user
-    code) are left as diffusers wrote them.
+    loader file, and so does every ldm_compat component. Components from other libraries (diffusers' own,
+    transformers') are left as diffusers wrote them; absent latent components and latent keys at their defaults
+    are left out.
     """
     folder = Path(save_directory)
     path = folder / MODEL_INDEX
     index = json.loads(path.read_text())
+    for name in LATENT_COMPONENT_NAMES:
+        if index.get(name) in ([None, None], None):
+            index.pop(name, None)
+    for key, default in LATENT_CONFIG_DEFAULTS.items():
+        if key in index and index[key] == default:
+            index.pop(key)
     for name in component_folders(index):
         library, class_name = index[name]
         if not library.startswith(ROOT_LIBRARY + "."):
@@ -179,8 +200,12 @@ def finalize_folder(save_directory: str | os.PathLike, pipeline_class: type, sto
         index[name] = [module, class_name]
     if stock_class is not None:
         index["_class_name"] = stock_class
-        for key in DROPPED_KEYS[stock_class]:
-            index.pop(key, None)
+        kept = {key: index.pop(key) for key in DROPPED_KEYS[stock_class] if key in index}
+        # image_size / channels: the stock class is only named when the UNet's sizes (the defaults) give them
+        kept = {k: v for k, v in kept.items() if v is not None and k not in ("image_size", "channels")}
+        if kept:
+            index[STOCK_EXTRAS_KEY] = kept
+        index.update(STOCK_ENTRIES.get(stock_class, {}))
     elif pipeline_class.__module__.startswith(ROOT_LIBRARY + "."):
         (folder / f"{PIPELINE_LOADER_MODULE}.py").write_text(
             loader_text(pipeline_class.__module__, pipeline_class.__name__)

@@ -1,14 +1,15 @@
-"""``LDMCompatPipeline``: sampling a latent-diffusion ``DDPM`` the way the original code does, as a diffusers pipeline.
+"""``LDMCompatPipeline``: sampling a latent-diffusion ``DDPM`` / ``LatentDiffusion`` the way the original code does.
 
 With ``LDMDDPMScheduler`` the loop is the original ``DDPM.p_sample_loop`` (every one of the T steps from t = T-1 to
-0, ``clip_denoised``, ``intermediates`` every ``log_every_t``); with ``LDMDDIMScheduler`` it is the original
-``DDIMSampler.sample``; any diffusers scheduler can be swapped in (``DDIMScheduler``, ``DPMSolverMultistepScheduler``,
-``EulerDiscreteScheduler``, ``UniPCMultistepScheduler``, …) through ``Scheduler.from_config(pipe.scheduler.config)``.
+0, ``clip_denoised``, ``intermediates`` every ``log_every_t``); with ``LDMDDIMScheduler`` / ``LDMPLMSScheduler`` it
+is the original ``DDIMSampler.sample`` / ``PLMSSampler.sample``, classifier-free guidance included; any diffusers
+scheduler can be swapped in (``DDIMScheduler``, ``DPMSolverMultistepScheduler``, ``EulerDiscreteScheduler``, …)
+through ``Scheduler.from_config(pipe.scheduler.config)``. Latent models decode through their first stage
+(``first_stage_io``); prompts, class labels and images are encoded by the cond stage (``latent_inputs``).
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import tempfile
@@ -20,6 +21,7 @@ from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 from ldm_compat.models.conditioning import apply_model
+from ldm_compat.pipelines import first_stage_io, latent_inputs
 from ldm_compat.pipelines import folder as folder_format
 from ldm_compat.pipelines.conditioning_inputs import (
     check_conditioning_key,
@@ -27,6 +29,8 @@ from ldm_compat.pipelines.conditioning_inputs import (
     needs_concat,
     prepare_conditioning,
 )
+from ldm_compat.pipelines.guidance import guided_model_output
+from ldm_compat.pipelines.loop import set_timesteps, step_kwargs
 from ldm_compat.pipelines.output import LDMCompatPipelineOutput, check_output_type, postprocess
 from ldm_compat.pipelines.stock import stock_pipeline_for
 
@@ -34,28 +38,39 @@ logger = logging.getLogger(__name__)
 
 #: the original ``DDPM``'s default ``log_every_t``
 DEFAULT_LOG_EVERY_T = 100
+#: the latent components (first stage, cond stage), all optional; a pixel-space model has none
+LATENT_COMPONENTS = (*first_stage_io.FIRST_STAGE_COMPONENTS, *latent_inputs.COND_STAGE_COMPONENTS)
 
 
 class LDMCompatPipeline(DiffusionPipeline):
-    r"""Sample an original latent-diffusion ``DDPM`` (CompVis / Stability-AI) with diffusers components.
+    r"""Sample an original latent-diffusion ``DDPM`` or ``LatentDiffusion`` (CompVis / Stability-AI) with diffusers
+    components.
 
     Args:
         unet: the denoiser, normally ``LDMUNetModel`` (a diffusers ``UNet2DModel`` / ``UNet2DConditionModel`` works
             too: it is called as ``unet(sample, t, encoder_hidden_states=..., class_labels=...).sample`` with only
             the arguments the model's conditioning needs).
-        scheduler: normally ``LDMDDPMScheduler`` (ancestral sampling = ``p_sample_loop``) or ``LDMDDIMScheduler``;
-            any diffusers scheduler works.
-        conditioning_key: the original ``DDPM``'s ``conditioning_key`` (the ``DiffusionWrapper`` routing): ``None``,
+        scheduler: ``LDMDDPMScheduler`` (ancestral sampling = ``p_sample_loop``), ``LDMDDIMScheduler``,
+            ``LDMPLMSScheduler``; any diffusers scheduler works.
+        conditioning_key: the original ``conditioning_key`` (the ``DiffusionWrapper`` routing): ``None``,
             ``"concat"``, ``"crossattn"``, ``"hybrid"``, ``"adm"``, ``"crossattn-adm"`` or ``"hybrid-adm"``.
-        image_size: the original ``DDPM``'s ``image_size`` (sampling height = width); ``None`` takes the UNet's
-            ``sample_size``.
-        channels: the original ``DDPM``'s ``channels`` (channels of the sample); ``None`` takes the UNet's
-            ``in_channels`` (``out_channels`` for concat models, whose ``in_channels`` include the concat).
+        image_size: the original ``image_size`` (sampling height = width, latents for a ``LatentDiffusion``);
+            ``None`` takes the UNet's ``sample_size``.
+        channels: the original ``channels`` (channels of the sample); ``None`` takes the UNet's ``in_channels``
+            (``out_channels`` for concat models, whose ``in_channels`` include the concat).
+        vae, vqvae: the first stage, a stock ``AutoencoderKL`` or ``VQModel`` (one of the two names; diffusers'
+            LDM pipelines call it ``vqvae`` whatever its class).
+        text_encoder, tokenizer, bert, class_embedder: the cond stage's components (``ldm_compat.models.cond_stage``).
+        first_stage_config, cond_stage_config: the original YAML entries (``{target, params}``) saying which
+            original classes the components stand for; ``None``: inferred from the components.
+        scale_by_std: the original ``scale_by_std`` (its ``scale_factor`` is then a float32 buffer).
+        concat_keys, masked_image_key: ``LatentInpaintDiffusion``'s (inpainting models; ``None`` otherwise).
 
-    The three settings are pipeline config (``pipe.config``) and are written to ``model_index.json``.
+    Every setting is pipeline config (``pipe.config``), written to ``model_index.json``.
     """
 
-    model_cpu_offload_seq = "unet"
+    model_cpu_offload_seq = "text_encoder->bert->class_embedder->unet->vae->vqvae"
+    _optional_components = list(LATENT_COMPONENTS)
 
     def __init__(
         self,
@@ -64,14 +79,38 @@ class LDMCompatPipeline(DiffusionPipeline):
         conditioning_key: str | None = None,
         image_size: int | None = None,
         channels: int | None = None,
+        vae: ModelMixin | None = None,
+        vqvae: ModelMixin | None = None,
+        text_encoder=None,
+        tokenizer=None,
+        bert=None,
+        class_embedder: ModelMixin | None = None,
+        first_stage_config: dict | None = None,
+        cond_stage_config: dict | str | None = None,
+        scale_by_std: bool = False,
+        concat_keys: list[str] | None = None,
+        masked_image_key: str | None = None,
     ):
         super().__init__()
         check_conditioning_key(conditioning_key)
         for name, value in (("image_size", image_size), ("channels", channels)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name}: expected a positive int or None, got {value!r}")
-        self.register_modules(unet=unet, scheduler=scheduler)
-        self.register_to_config(conditioning_key=conditioning_key, image_size=image_size, channels=channels)
+        first_stage_io.first_stage_component({"vae": vae, "vqvae": vqvae})  # one first stage at most
+        if concat_keys is not None and not needs_concat(conditioning_key):
+            raise ValueError(f"concat_keys: conditioning_key={conditioning_key!r} concatenates nothing")
+        self.register_modules(unet=unet, scheduler=scheduler, vae=vae, vqvae=vqvae, text_encoder=text_encoder,
+                              tokenizer=tokenizer, bert=bert, class_embedder=class_embedder)  # fmt: skip
+        self.register_to_config(
+            conditioning_key=conditioning_key,
+            image_size=image_size,
+            channels=channels,
+            first_stage_config=first_stage_io.trim_first_stage_config(first_stage_config),
+            cond_stage_config=cond_stage_config,
+            scale_by_std=bool(scale_by_std),
+            concat_keys=None if concat_keys is None else list(concat_keys),
+            masked_image_key=masked_image_key,
+        )
 
     @classmethod
     def from_ldm_config(cls, config) -> LDMCompatPipeline:
@@ -118,13 +157,15 @@ class LDMCompatPipeline(DiffusionPipeline):
         See ``ldm_compat.pipelines.stock.stock_pipeline_for``.
         """
         c = self.config
-        components = {k: v for k, v in self.components.items() if k not in ("unet", "scheduler")}
+        components = {k: v for k, v in self.components.items() if k not in ("unet", "scheduler") and v is not None}
         return stock_pipeline_for(
             c.conditioning_key,
             dict(self.unet.config),
             image_size=c.image_size,
             channels=c.channels,
             scheduler=type(self.scheduler),
+            scheduler_config=dict(self.scheduler.config),
+            pipeline_config={k: c.get(k) for k in folder_format.LATENT_CONFIG_KEYS},
             **components,
         )
 
@@ -133,37 +174,35 @@ class LDMCompatPipeline(DiffusionPipeline):
         """Whether diffusers' ``DDPMPipeline`` samples this model identically."""
         return self.stock_pipeline == "DDPMPipeline"
 
+    # ------------------------------------------------------------------------------------------------ latent stages
+    @property
+    def first_stage(self):
+        """The first stage with the original semantics (``ldm_compat.models.first_stage.FirstStage``), or ``None``."""
+        _, model = first_stage_io.first_stage_component(self.components)
+        if model is None:
+            return None
+        return first_stage_io.original_first_stage(model, self.config.first_stage_config, self.config.scale_by_std)
+
+    @property
+    def cond_stage(self):
+        """The cond stage with the original ``get_learned_conditioning`` (``ldm_compat.models.cond_stage``), or
+        ``None``."""
+        components = {k: getattr(self, k, None) for k in latent_inputs.COND_STAGE_COMPONENTS}
+        first = self.first_stage if self.config.cond_stage_config == latent_inputs.FIRST_STAGE else None
+        return latent_inputs.build_cond_stage(self.config.cond_stage_config, components, first and first.model)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """The original ``decode_first_stage(latents)`` (images in [-1, 1], not clamped); pixel models: as given."""
+        first_stage = self.first_stage
+        if first_stage is None:
+            return latents
+        return first_stage.decode_first_stage(latents.to(first_stage.model.dtype))
+
+    def _to_output(self, sample: torch.Tensor, output_type: str):
+        return postprocess(sample if output_type == "latent" else self.decode_latents(sample), output_type)
+
     # ------------------------------------------------------------------------------------------------ sampling
-    def _set_timesteps(self, num_inference_steps: int | None, device: torch.device) -> None:
-        params = inspect.signature(self.scheduler.set_timesteps).parameters
-        if num_inference_steps is None and not type(self.scheduler).__module__.startswith("ldm_compat."):
-            # diffusers schedulers need a count; the original p_sample_loop runs every training step. Our
-            # schedulers choose their own default (LDMDDPMScheduler: every training step).
-            num_inference_steps = self.scheduler.config.num_train_timesteps
-        elif num_inference_steps is not None and (
-            not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1
-        ):
-            raise ValueError(f"num_inference_steps: expected a positive int or None, got {num_inference_steps!r}")
-        kwargs = {"device": device} if "device" in params else {}
-        if num_inference_steps is None:
-            self.scheduler.set_timesteps(**kwargs)
-        else:
-            self.scheduler.set_timesteps(num_inference_steps, **kwargs)
-
-    def _step_kwargs(self, eta: float, generator, variance_noise) -> dict:
-        params = inspect.signature(self.scheduler.step).parameters
-        name = type(self.scheduler).__name__
-        kwargs = {}
-        if "eta" in params:
-            kwargs["eta"] = eta
-        elif eta:
-            raise ValueError(f"eta: {name}.step takes no eta (use a DDIM scheduler for eta={eta})")
-        if "generator" in params:
-            kwargs["generator"] = generator
-        if variance_noise is not None and "variance_noise" not in params:
-            raise ValueError(f"variance_noise: {name}.step takes no variance_noise")
-        return kwargs
-
     @torch.no_grad()
     def __call__(
         self,
@@ -179,6 +218,13 @@ class LDMCompatPipeline(DiffusionPipeline):
         return_dict: bool = True,
         return_intermediates: bool = False,
         *,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        guidance_scale: float = 1.0,
+        num_images_per_prompt: int = 1,
+        image=None,
+        mask_image=None,
+        negative_encoder_hidden_states: torch.Tensor | None = None,
         log_every_t: int | None = None,
         variance_noise: Sequence[torch.Tensor] | None = None,
     ) -> LDMCompatPipelineOutput | tuple:
@@ -195,14 +241,25 @@ class LDMCompatPipeline(DiffusionPipeline):
                 Multiplied by ``scheduler.init_noise_sigma`` (1 for DDPM/DDIM) like diffusers pipelines do.
             eta: DDIM ``eta`` (schedulers whose ``step`` takes ``eta``); nonzero for another scheduler is an error.
             encoder_hidden_states: cross-attention context ``(B, tokens, context_dim)`` — the original
-                ``c_crossattn`` (already concatenated along tokens) for ``crossattn``/``hybrid``/``*-adm`` models.
-            class_labels: class labels ``(B,)`` — the original ``y`` / ``c_adm`` for ``adm`` models (a
+                ``c_crossattn`` (already concatenated along tokens), instead of a ``prompt``.
+            class_labels: class labels ``(B,)``: embedded by a ``class_embedder`` (the original ClassEmbedder, a
+                cross-attention context), else the UNet's ``y`` / ``c_adm`` for ``adm`` models (a
                 ``(B, adm_in_channels)`` tensor when the UNet's ``num_classes`` is ``"sequential"``).
             concat: ``(B, C_concat, H, W)`` — the original ``c_concat``, concatenated to the sample along channels
-                before every UNet call (``concat``/``hybrid`` models).
-            output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"`` (raw samples; see the output class).
+                before every UNet call (``concat``/``hybrid`` models), instead of ``image`` / ``mask_image``.
+            output_type: ``"pil"``, ``"np"``, ``"pt"`` (decoded by the first stage for latent models) or ``"latent"``
+                (the raw samples; see the output class).
             return_dict: return a ``LDMCompatPipelineOutput`` instead of a tuple.
             return_intermediates: also return the original ``intermediates`` (see the output class).
+            prompt, negative_prompt: text for a text cond stage; the negative prompt replaces ``""`` as the
+                unconditional conditioning.
+            guidance_scale: classifier-free guidance ``e_u + s·(e_c − e_u)`` as the original samplers, one UNet call
+                on ``[uc, c]`` (``pipelines.guidance``); 1: no guidance, one call on ``c``.
+            num_images_per_prompt: samples per prompt / class label / image (each row repeated, in order).
+            image, mask_image: inpainting (``LatentInpaintDiffusion``): the image in [-1, 1] and the mask in [0, 1]
+                (1 = repaint), tensors or PIL images; super-resolution / ``__is_first_stage__`` models: the
+                conditioning image. The sample size then follows the image.
+            negative_encoder_hidden_states: the unconditional context for guidance with ``encoder_hidden_states``.
             log_every_t: spacing of the intermediates; default: the scheduler config's ``log_every_t`` (the
                 original ``DDPM`` setting), else 100.
             variance_noise: optional list with one noise tensor per step, handed to ``scheduler.step`` instead of
@@ -212,20 +269,36 @@ class LDMCompatPipeline(DiffusionPipeline):
             ``LDMCompatPipelineOutput``, or ``(images,)`` / ``(images, intermediates)`` when ``return_dict=False``.
         """
         check_output_type(output_type)
-        batch = infer_batch_size(batch_size, latents, encoder_hidden_states, class_labels, concat)
-        shape = self.sample_shape
+        if not isinstance(guidance_scale, (int, float)) or isinstance(guidance_scale, bool):
+            raise ValueError(f"guidance_scale: expected a number, got {guidance_scale!r}")
         device, dtype = self._execution_device, self.unet.dtype
+        c = self.config
+        inputs = latent_inputs.call_conditioning(
+            conditioning_key=c.conditioning_key, cond_stage=self.cond_stage, first_stage=self.first_stage,
+            target=latent_inputs.cond_stage_target(c.cond_stage_config, self.components),
+            concat_keys=c.concat_keys, masked_image_key=c.masked_image_key, prompt=prompt,
+            negative_prompt=negative_prompt, class_labels=class_labels, image=image, mask_image=mask_image,
+            encoder_hidden_states=encoder_hidden_states, negative_encoder_hidden_states=negative_encoder_hidden_states,
+            concat=concat, num_images_per_prompt=num_images_per_prompt, guidance_scale=float(guidance_scale),
+            generator=generator, device=device,
+        )  # fmt: skip
+        batch = infer_batch_size(batch_size, latents, inputs.encoder_hidden_states, inputs.class_labels, inputs.concat)
+        shape = self.sample_shape
+        if inputs.sample_size is not None:
+            shape = (shape[0], *inputs.sample_size)
+        prepare = dict(batch_size=batch, sample_shape=shape, class_labels=inputs.class_labels, concat=inputs.concat,
+                       device=device, dtype=dtype)  # fmt: skip
         cond = prepare_conditioning(
-            self.config.conditioning_key,
-            self.unet.config,
-            batch_size=batch,
-            sample_shape=shape,
-            encoder_hidden_states=encoder_hidden_states,
-            class_labels=class_labels,
-            concat=concat,
-            device=device,
-            dtype=dtype,
-        )
+            c.conditioning_key, self.unet.config, encoder_hidden_states=inputs.encoder_hidden_states, **prepare
+        ).cond
+        uncond = None
+        if inputs.has_uncond and guidance_scale != 1.0:
+            uncond = prepare_conditioning(
+                c.conditioning_key,
+                self.unet.config,
+                encoder_hidden_states=inputs.negative_encoder_hidden_states,
+                **prepare,
+            ).cond
         if log_every_t is None:
             log_every_t = self.scheduler.config.get("log_every_t", None) or DEFAULT_LOG_EVERY_T
         if not isinstance(log_every_t, int) or log_every_t < 1:
@@ -238,12 +311,15 @@ class LDMCompatPipeline(DiffusionPipeline):
         else:
             latents = latents.to(device=device, dtype=dtype)
 
-        self._set_timesteps(num_inference_steps, device)
+        set_timesteps(self.scheduler, num_inference_steps, device)
         timesteps = self.scheduler.timesteps
         num_steps = len(timesteps)
-        step_kwargs = self._step_kwargs(eta, generator, variance_noise)
+        kwargs = step_kwargs(self.scheduler, eta, generator, variance_noise)
         if variance_noise is not None and len(variance_noise) != num_steps:
             raise ValueError(f"variance_noise: expected one tensor per step ({num_steps}), got {len(variance_noise)}")
+
+        def model(x, t, conditioning):  # the original DiffusionWrapper routing (concat / context / adm labels)
+            return apply_model(self.unet, x, t, conditioning, c.conditioning_key)
 
         sample = latents * self.scheduler.init_noise_sigma
         intermediates, pred_intermediates, logged_t = [], [], []
@@ -257,11 +333,10 @@ class LDMCompatPipeline(DiffusionPipeline):
             t_batch = (
                 t.to(device).reshape(-1).expand(batch) if torch.is_tensor(t) else torch.full((batch,), t, device=device)
             )
-            # the original DiffusionWrapper routing (concat / cross-attention context / adm labels)
-            model_output = apply_model(self.unet, model_input, t_batch, cond.cond, self.config.conditioning_key)
+            model_output = guided_model_output(model, model_input, t_batch, cond, uncond, float(guidance_scale))
             if variance_noise is not None:
-                step_kwargs["variance_noise"] = variance_noise[k].to(device=device, dtype=sample.dtype)
-            out = self.scheduler.step(model_output, t, sample, **step_kwargs)
+                kwargs["variance_noise"] = variance_noise[k].to(device=device, dtype=sample.dtype)
+            out = self.scheduler.step(model_output, t, sample, **kwargs)
             sample = out.prev_sample
             index = num_steps - 1 - k  # the original counts steps down; for the full chain it equals t
             if return_intermediates and (index % log_every_t == 0 or index == num_steps - 1):
@@ -271,12 +346,12 @@ class LDMCompatPipeline(DiffusionPipeline):
                 pred_intermediates.append(pred)
                 logged_t.append(int(t))
 
-        images = postprocess(sample, output_type)
+        images = self._to_output(sample, output_type)
         result = {"images": images}
         if return_intermediates:
-            result["intermediates"] = [postprocess(x, output_type) for x in intermediates]
+            result["intermediates"] = [self._to_output(x, output_type) for x in intermediates]
             result["pred_original_intermediates"] = (
-                [postprocess(x, output_type) for x in pred_intermediates] if have_pred else None
+                [self._to_output(x, output_type) for x in pred_intermediates] if have_pred else None
             )
             result["intermediate_timesteps"] = logged_t
         self.maybe_free_model_hooks()
