@@ -193,8 +193,8 @@ def test_plain_diffusers_loads_a_stable_diffusion_pipeline_with_the_same_images(
         if sched == "dpm":
             pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
         for kind in ("latent", "np"):
-            ours = torch.as_tensor(pipe(prompt=case.meta["prompts"], latents=case.io["sample.x_T"],
-                                        num_inference_steps=10, guidance_scale=3.0, output_type=kind).images)  # fmt: skip
+            run = dict(latents=case.io["sample.x_T"], num_inference_steps=10, guidance_scale=3.0, output_type=kind)
+            ours = torch.as_tensor(pipe(prompt=case.meta["prompts"], **run).images)
             error = (ours - stock[f"{sched}.{kind}"]).abs().max().item()
             print(f"{name} {sched} {kind}: max|Δ| = {error:.3g}")
             bound = DECODED_ATOL if kind == "np" else max(ATOL, SCALE_RTOL * ours.abs().max().item())
@@ -205,7 +205,10 @@ def test_stable_diffusion_folder_loads_back_into_ldm_compat_pipeline(folders):
     pipe = load(folders["sd1_kl_clip_eps", "ema"])
     c = pipe.config
     assert (c.conditioning_key, c.cond_stage_config["target"], c.first_stage_config["target"]) == (
-        "crossattn", "ldm.modules.encoders.modules.FrozenCLIPEmbedder", "ldm.models.autoencoder.AutoencoderKL")
+        "crossattn",
+        "ldm.modules.encoders.modules.FrozenCLIPEmbedder",
+        "ldm.models.autoencoder.AutoencoderKL",
+    )
     assert pipe.stock_pipeline == "StableDiffusionPipeline"
     assert "safety_checker" not in pipe.config and "requires_safety_checker" not in pipe.config
 
