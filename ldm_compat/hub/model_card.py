@@ -49,6 +49,25 @@ _UNET_SUMMARY_KEYS = (
 )
 
 PIPELINE_TAG_UNCONDITIONAL = "unconditional-image-generation"
+PIPELINE_TAG_TEXT = "text-to-image"
+PIPELINE_TAG_IMAGE = "image-to-image"
+
+_TEXT_STAGES = {"FrozenCLIPEmbedder", "FrozenOpenCLIPEmbedder", "BERTEmbedder"}
+_STAGE_COMPONENTS = ("text_encoder", "tokenizer", "bert", "class_embedder")
+# how each kind of latent model is called: (inputs to prepare, LDMCompatPipeline arguments, stock pipeline arguments)
+_PROMPT = 'prompt = "a photograph of an astronaut riding a horse"'
+_USAGE = {
+    "text": ([_PROMPT], "prompt=prompt, guidance_scale=5.0, num_inference_steps=50",
+             "prompt, guidance_scale=5.0, num_inference_steps=50"),
+    "inpainting": ([_PROMPT, "image, mask_image = ...  # PIL images (mask: white = repaint)"],
+                   "prompt=prompt, image=image, mask_image=mask_image, guidance_scale=5.0, num_inference_steps=50",
+                   "prompt, image=image, mask_image=mask_image, guidance_scale=5.0, num_inference_steps=50"),
+    "class": (["labels = [0, 1, 2, 3]  # class ids"], "class_labels=labels, guidance_scale=3.0, num_inference_steps=50",
+              None),
+    "image": (["low_res = ...  # (batch, 3, h, w) tensor in [-1, 1]"], "image=low_res, num_inference_steps=100",
+              "image=low_res, num_inference_steps=100"),
+    "unconditional": ([], "batch_size=4, num_inference_steps=50", "batch_size=4, num_inference_steps=50"),
+}  # fmt: skip
 
 
 def template_text() -> str:
@@ -133,7 +152,8 @@ def card_context(
     original_yaml, original_params = _read_original_config(folder)
     facts = {**_read_json(folder / folder_format.TRAINING_FACTS_FILE), **dict(training or {})}
 
-    key = index.get("conditioning_key")
+    pipeline_config = {**index, **(index.get(folder_format.STOCK_EXTRAS_KEY) or {})}
+    key = pipeline_config.get("conditioning_key")
     image_size = index.get("image_size") or unet_config.get("sample_size") or original_params.get("image_size")
     channels = index.get("channels")
     if channels is None:
@@ -144,6 +164,7 @@ def card_context(
     num_classes = unet_config.get("num_classes", unet_config.get("num_class_embeds"))
     context_dim = unet_config.get("context_dim", unet_config.get("cross_attention_dim"))
 
+    latent = _latent(folder, index)
     schedule = _schedule(scheduler_config, original_params)
     parameterization = schedule.get("parameterization", "eps")
     license = license or facts.pop("license", None)
@@ -176,7 +197,57 @@ def card_context(
         "license": license,
         "export_command": export_command,  # None: the template's `hf download` + `ldm-compat export` lines
         "datasets": [facts["dataset"]] if isinstance(facts.get("dataset"), str) else None,
+        "latent": latent,
     }
+
+
+def _short(target) -> str | None:
+    return target.rsplit(".", 1)[-1] if isinstance(target, str) else None
+
+
+def _latent(folder: Path, index: dict) -> dict | None:
+    """The first and cond stage of a latent model, and how it is called (``None`` for a pixel-space model)."""
+    extras = {**index, **(index.get(folder_format.STOCK_EXTRAS_KEY) or {})}
+    first = next((name for name in ("vae", "vqvae") if name in folder_format.component_folders(index)), None)
+    if first is None:
+        return None
+    first_config = _read_json(folder / first / "config.json")
+    factor = 2 ** (len(first_config.get("block_out_channels") or [0]) - 1)
+    cond_config = extras.get("cond_stage_config")
+    cond = cond_config if isinstance(cond_config, str) else _short((cond_config or {}).get("target"))
+    components = [name for name in _STAGE_COMPONENTS if name in folder_format.component_folders(index)]
+    if extras.get("concat_keys"):
+        kind = "inpainting"
+    elif cond in _TEXT_STAGES or "text_encoder" in components or "bert" in components:
+        kind = "text"
+    elif cond == "ClassEmbedder" or "class_embedder" in components:
+        kind = "class"
+    elif cond in ("Identity", "__is_first_stage__"):
+        kind = "image"
+    else:
+        kind = "unconditional"
+    inputs, ours, stock = _USAGE[kind]
+    return {
+        "first_stage": f"`{index[first][1]}` (`{first}/`), scaling_factor {first_config.get('scaling_factor')}, "
+        f"downsampling ×{factor}",
+        "first_stage_target": _short((extras.get("first_stage_config") or {}).get("target")),
+        "cond_stage": cond,
+        "cond_components": components,
+        "factor": factor,
+        "kind": kind,
+        "inputs": inputs,
+        "call": ours,
+        "stock_call": stock if folder_format.pipeline_class_name(index) != "LDMCompatPipeline" else None,
+    }
+
+
+def pipeline_tag(context: Mapping) -> str | None:
+    """The Hub's task tag: what the model is called with."""
+    latent = context.get("latent")
+    if latent is None:
+        return PIPELINE_TAG_UNCONDITIONAL if context["conditioning"]["key"] is None else None
+    return {"text": PIPELINE_TAG_TEXT, "inpainting": PIPELINE_TAG_IMAGE, "image": PIPELINE_TAG_IMAGE,
+            "unconditional": PIPELINE_TAG_UNCONDITIONAL}.get(latent["kind"])  # fmt: skip
 
 
 def render_model_card(folder: str | os.PathLike, repo_id: str, **kwargs):
@@ -192,12 +263,14 @@ def render_model_card(folder: str | os.PathLike, repo_id: str, **kwargs):
     key = context["conditioning"]["key"]
     tags = ["ldm_compat", "latent-diffusion", "ddpm", f"parameterization-{context['parameterization']}"]
     tags.append(f"conditioning-{key}" if key else PIPELINE_TAG_UNCONDITIONAL)
+    if context["pipeline_class"] != "LDMCompatPipeline":
+        tags.append(f"diffusers:{context['pipeline_class']}")
     card_data = ModelCardData(
         library_name="diffusers",
         license=context["license"],
         tags=tags,
         datasets=context.pop("datasets"),
-        pipeline_tag=PIPELINE_TAG_UNCONDITIONAL if key is None else None,
+        pipeline_tag=pipeline_tag(context),
     )
     return ModelCard.from_template(card_data, template_str=template_text(), **context)
 
