@@ -28,7 +28,7 @@ from .unet_config import (
     per_level,
     validate_unet_params,
 )
-from .unet_stock_call import check_stock_call, check_stock_config
+from .unet_stock_call import check_stock_call, stock_view
 
 #: Prefix of the UNet's keys in an original LatentDiffusion/DDPM checkpoint (``DiffusionWrapper.diffusion_model``).
 ORIGINAL_PREFIX = "model.diffusion_model."
@@ -69,7 +69,7 @@ class LDMUNetModel(ModelMixin, ConfigMixin):
     Takes the original ``unet_config.params`` verbatim (see ``docs/unet.md`` for every option). ``sample_size`` is
     the size stock diffusers pipelines sample at (default: ``image_size``, which the original UNet stores but never
     uses; a LatentDiffusion's own ``image_size`` may differ, e.g. SD 1.x: 64 latents, UNet ``image_size`` 32).
-    ``time_cond_proj_dim`` (only ``None``) is a config key diffusers' Stable Diffusion pipelines read
+    ``config.time_cond_proj_dim`` (``None``, not a key) is what diffusers' Stable Diffusion pipelines read
     (``ldm_compat.models.unet_stock_call``).
 
     Deliberate differences from the original, none of which changes a value or a state-dict key:
@@ -119,7 +119,6 @@ class LDMUNetModel(ModelMixin, ConfigMixin):
         use_linear_in_transformer: bool = False,
         adm_in_channels: int | None = None,
         sample_size: int | None = None,
-        time_cond_proj_dim: None = None,
     ):
         args = dict(locals())
         super().__init__()
@@ -127,9 +126,8 @@ class LDMUNetModel(ModelMixin, ConfigMixin):
         if p["image_size"] is None:
             p["image_size"] = to_plain(sample_size)
         validate_unet_params(p)
-        stock = check_stock_config({"time_cond_proj_dim": time_cond_proj_dim})
         sample_size = p["image_size"] if sample_size is None else to_plain(sample_size)
-        self.register_to_config(**p, sample_size=sample_size, **stock)
+        self.register_to_config(**p, sample_size=sample_size)
 
         levels = len(p["channel_mult"])
         self._nrb = per_level("num_res_blocks", p["num_res_blocks"], levels)
@@ -140,6 +138,12 @@ class LDMUNetModel(ModelMixin, ConfigMixin):
         self._p = p
         self._build(p)
         del self._p
+
+    @property
+    def config(self):
+        """The config (``FrozenDict``), also answering the stock-pipeline reads (``unet_stock_call``)."""
+        self._internal_dict = stock_view(self._internal_dict)
+        return self._internal_dict
 
     # ------------------------------------------------------------------ construction
     def _resblock(self, ch: int, out_ch: int | None = None, **kw) -> ResBlock:

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-#: config keys of diffusers' ``UNet2DConditionModel`` that stock pipelines read, at the only value this UNet has
+from diffusers.configuration_utils import FrozenDict
+
+#: config entries of diffusers' ``UNet2DConditionModel`` that stock pipelines read, at the only value this UNet has
 STOCK_CONFIG_DEFAULTS = {"time_cond_proj_dim": None}
 
 _WHY = {
@@ -25,15 +27,19 @@ _WHY = {
 }
 
 
-def check_stock_config(values: Mapping) -> dict:
-    """The stock-pipeline config keys with their values; anything but the defaults is a one-line error."""
-    out = {}
-    for name, default in STOCK_CONFIG_DEFAULTS.items():
-        value = values.get(name, default)
-        if value != default:
-            raise ValueError(f"{name}={value!r}: LDMUNetModel supports only {default!r} ({_WHY['timestep_cond']})")
-        out[name] = value
-    return out
+class StockPipelineConfig(FrozenDict):
+    """``LDMUNetModel.config``: the model's own keys (saved, round-tripped), plus read-only attributes for the
+    ``UNet2DConditionModel`` keys stock pipelines read (``STOCK_CONFIG_DEFAULTS``). Those are not keys: they are not
+    saved, and ``dict(config)`` holds the original params and ``sample_size`` only."""
+
+    def __getattr__(self, name: str):
+        if name in STOCK_CONFIG_DEFAULTS:
+            return STOCK_CONFIG_DEFAULTS[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+
+def stock_view(config: FrozenDict) -> StockPipelineConfig:
+    return config if isinstance(config, StockPipelineConfig) else StockPipelineConfig(config)
 
 
 def check_stock_call(**arguments) -> None:
