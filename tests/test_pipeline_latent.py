@@ -264,3 +264,32 @@ def test_stable_diffusion_pipeline_runs_our_plms_like_ldm_compat_pipeline(folder
     # (a LoRA "scale" fails inside diffusers' text-encoder LoRA helper first: transformers 5 has no text_model)
     with pytest.raises(ValueError, match=r"cross_attention_kwargs=\['ip_adapter_masks'\]: not supported by LDMUNet"):
         stock(case.meta["prompts"], **run, cross_attention_kwargs={"ip_adapter_masks": None})
+
+
+def test_stock_choice_follows_the_cond_stage_and_the_scheduler(folders, tmp_path):
+    from diffusers import EulerDiscreteScheduler
+
+    from ldm_compat import LDMDDPMScheduler
+
+    pipe = load(folders["sd1_kl_clip_eps", "ema"])
+    ddim = pipe.scheduler
+    for scheduler, expected in (
+        (LDMPLMSScheduler.from_config(ddim.config), "StableDiffusionPipeline"),
+        (DPMSolverMultistepScheduler.from_config(ddim.config), "StableDiffusionPipeline"),
+        (EulerDiscreteScheduler.from_config(ddim.config), "StableDiffusionPipeline"),  # scales x_T and input: as we do
+        # the SD pipelines rewrite clip_sample=True to False, which LDMDDPMScheduler's clip_denoised would feel
+        (LDMDDPMScheduler.from_config(ddim.config), None),
+        (LDMDDPMScheduler.from_config(ddim.config, clip_sample=False), "StableDiffusionPipeline"),
+    ):
+        pipe.scheduler = scheduler
+        assert pipe.stock_pipeline == expected, type(scheduler).__name__
+    pipe.scheduler = LDMPLMSScheduler.from_config(ddim.config)
+    pipe.save_pretrained(tmp_path / "plms")
+    index = json.loads((tmp_path / "plms" / "model_index.json").read_text())
+    assert (index["_class_name"], index["scheduler"]) == ("StableDiffusionPipeline", ["ldm_compat", "LDMPLMSScheduler"])
+    # the original's "hidden" layer is not diffusers' clip_skip (which applies the final norm): not stock
+    clip = "ldm.modules.encoders.modules.FrozenCLIPEmbedder"
+    hidden = {"target": clip, "params": {"layer": "hidden", "layer_idx": 1}}
+    pipe.register_to_config(cond_stage_config=hidden)
+    assert pipe.stock_pipeline is None
+    assert load(folders["cin_vq_class", "ema"]).stock_pipeline is None  # class-conditional: no stock pipeline

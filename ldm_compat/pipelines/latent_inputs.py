@@ -177,8 +177,9 @@ def inpainting_concat(first_stage, image, mask_image, concat_keys, masked_image_
     if image is None or mask_image is None:
         missing = " and ".join(n for n, v in (("image", image), ("mask_image", mask_image)) if v is None)
         raise ValueError(f"{missing}: required by this inpainting model (concat_keys {list(concat_keys)})")
-    image = image_tensor(image, "image").to(device=device, dtype=torch.float32)
-    mask = mask_tensor(mask_image).to(device=device, dtype=torch.float32)
+    dtype = first_stage.model.dtype
+    image = image_tensor(image, "image").to(device=device, dtype=dtype)
+    mask = mask_tensor(mask_image).to(device=device, dtype=dtype)
     if mask.shape[2:] != image.shape[2:]:
         raise ValueError(f"mask_image: size {tuple(mask.shape[2:])} differs from the image's {tuple(image.shape[2:])}")
     image, mask = _repeat(image, n, batch, "image"), _repeat(mask, n, batch, "mask_image")
