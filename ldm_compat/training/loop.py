@@ -75,6 +75,7 @@ class TrainOptions:
     sample_steps: int | None = None  # inference steps for logged samples (default: all T, like the original)
     validation_batches: int = 4
     nan_policy: str = "stop"  # stop | skip
+    latent_cache: str | None = None  # LatentDiffusion: folder of the first-stage/cond-stage cache (latent_cache.py)
 
 
 class Trainer:
@@ -137,7 +138,14 @@ class Trainer:
         from ldm_compat.training.objective import DDPMObjective
 
         params = self.settings.params
+        self.latent = None  # LatentDiffusion: first stage, cond stage, scale factor (training/latent_model.py)
+        if self.settings.is_latent:
+            from ldm_compat.training.latent_model import build_latent_model
+
+            self.latent = build_latent_model(self.config, params, self.settings.source, self.accelerator)
         self.unet = LDMUNetModel.from_ldm_config(params["unet_config"])
+        if self.latent is not None:
+            from ldm_compat.training.latent_objective import LatentDiffusionObjective as DDPMObjective
         self.objective = DDPMObjective.from_ldm_config(params)
         self.scheduler = LDMDDPMScheduler.from_ldm_config(params)
         self.ema = None
@@ -148,6 +156,8 @@ class Trainer:
         if params.get("ckpt_path"):
             from ldm_compat.training.init_ckpt import init_from_ckpt
 
+            if self.latent is not None:
+                init_from_ckpt = self.latent.init_from_ckpt  # also the first and cond stage, scale_factor
             report = init_from_ckpt(
                 params["ckpt_path"], self.unet, ema=self.ema, objective=self.objective,
                 ignore_keys=params.get("ignore_keys") or (), load_only_unet=bool(params.get("load_only_unet")),
@@ -159,20 +169,30 @@ class Trainer:
             if self.ema is not None and params.get("reset_num_ema_updates"):
                 self.ema.reset_num_updates()
         self.accelerator.print(count_params(self.unet, "LDMUNetModel"))
-        self.module = DDPMTrainModule(self.unet, self.objective)
+        if self.latent is None:
+            self.module = DDPMTrainModule(self.unet, self.objective)
+        else:
+            self.module = self.latent.train_module(self.unet, self.objective, draw=self._draw_like)
 
     def _build_data(self) -> None:
         from ldm_compat.training.data import build_dataloader, build_dataset
 
         data = self.settings.data
-        train = build_dataset(data, split="train", image_size=self.settings.params.get("image_size"))
+        image_size = self.settings.params.get("image_size")
+        if self.latent is not None and image_size is not None:
+            image_size = image_size * 2**self.latent.options.num_downs  # the model's image_size counts latents
+        train = build_dataset(data, split="train", image_size=image_size)
+        if self.latent is not None and self.options.latent_cache:
+            from ldm_compat.training.latent_cache import cached_dataset
+
+            train = cached_dataset(train, self.latent, self.options.latent_cache, self.accelerator)
         self.train_loader = build_dataloader(
             train, self.settings.batch_size, shuffle=True, num_workers=self.options.dataloader_num_workers,
             seed=self.options.seed,
         )  # fmt: skip
         self.val_loader = None
         if (data.get("params") or {}).get("validation") is not None:
-            val = build_dataset(data, split="validation", image_size=self.settings.params.get("image_size"))
+            val = build_dataset(data, split="validation", image_size=image_size)
             self.val_loader = build_dataloader(val, self.settings.batch_size, shuffle=False)
 
     def _build_optimization(self) -> None:
@@ -191,6 +211,9 @@ class Trainer:
         )
         # AdamW with torch defaults (weight_decay=0.01), as the original configure_optimizers
         parameters = list(self.unet.parameters())
+        if self.latent is not None:
+            # cond_stage_trainable: the original's "Also optimizing conditioner params!"
+            parameters += [p for m in self.latent.trainable_cond_modules().values() for p in m.parameters()]
         if self.objective.config.learn_logvar:
             parameters.append(self.objective.logvar)
         fused = torch.cuda.is_available() and self.accelerator.device.type == "cuda"
@@ -206,6 +229,8 @@ class Trainer:
         if self.ema is not None:
             self.ema.to(self.accelerator.device)
             self.accelerator.register_for_checkpointing(self.ema)
+        if self.latent is not None:
+            self.accelerator.register_for_checkpointing(self.latent)
         self.accelerator.register_for_checkpointing(self.state)
 
     # ----------------------------------------------------------------------------------------------- loop
@@ -219,19 +244,42 @@ class Trainer:
         return epochs * per_epoch
 
     def get_input(self, batch):
+        """The model's ``x_start``: the image as ``b c h w``; for LatentDiffusion its encoding ``z``."""
+        if self.latent is not None:
+            return self.latent.get_input(batch, self._draw_cpu)
         from ldm_compat.training.data import get_input
 
         return get_input(batch, self.settings.first_stage_key).to(self.accelerator.device)
 
+    def _draw_cpu(self, shape):
+        """This process's slice of a CPU ``torch.randn`` for the global batch (the KL posterior noise)."""
+        from ldm_compat.training.latent_model import global_randn
+
+        acc = self.accelerator
+        return global_randn(shape, num_processes=acc.num_processes, process_index=acc.process_index)
+
+    def _draw_like(self, like):
+        """The same for noise shaped like ``like``, on its device (LatentTrainModule's draws)."""
+        from ldm_compat.training.latent_model import global_randn
+
+        acc = self.accelerator
+        return global_randn(like.shape, num_processes=acc.num_processes, process_index=acc.process_index,
+                            device=like.device, dtype=like.dtype)  # fmt: skip
+
     def get_cond_kwargs(self, batch) -> dict:
         """The batch's conditioning in the pipeline's (diffusers) names, on the device; ``{}`` if unconditional."""
+        if self.latent is not None:
+            return self.latent.cond_kwargs(self.latent.encoded_conditioning(batch))
         from ldm_compat.training.data import get_conditioning
 
         cond = get_conditioning(batch, self.objective.config.conditioning_key, self.settings.params) or {}
         return {k: v.to(self.accelerator.device) for k, v in cond.items()}
 
     def get_cond(self, batch):
-        """The batch's conditioning in the original's dict form (``c_concat``/``c_crossattn``/``c_adm``)."""
+        """The batch's conditioning in the original's dict form (``c_concat``/``c_crossattn``/``c_adm``); for
+        LatentDiffusion ``c`` of its ``get_input`` (the raw input when the cond stage is trained)."""
+        if self.latent is not None:
+            return self.latent.conditioning(batch)
         from ldm_compat.models.conditioning import original_cond
 
         return original_cond(self.objective.config.conditioning_key, **self.get_cond_kwargs(batch))
@@ -287,6 +335,8 @@ class Trainer:
 
     def _train_batch(self, module, batch) -> dict | None:
         acc = self.accelerator
+        if self.latent is not None:
+            self._on_train_batch_start(batch)
         with acc.accumulate(module):
             if self.settings.params.get("ucg_training"):
                 from ldm_compat.training.ucg import apply_ucg
@@ -327,8 +377,26 @@ class Trainer:
         acc, b = self.accelerator, x.shape[0]
         n, rank = acc.num_processes, acc.process_index
         t = torch.randint(0, self.objective.num_timesteps, (n * b,), device=x.device)
+        if self.latent is not None:
+            # LatentDiffusion draws the noise later, after what the cond stage draws (LatentTrainModule)
+            return t[rank * b : (rank + 1) * b], None
         noise = torch.randn((n * b, *x.shape[1:]), device=x.device, dtype=x.dtype)
         return t[rank * b : (rank + 1) * b], noise[rank * b : (rank + 1) * b]
+
+    def _on_train_batch_start(self, batch) -> None:
+        """``scale_by_std`` (the original's ``on_train_batch_start``): on the very first batch, process 0 sets
+        ``scale_factor = 1 / std`` of its encodings; every process draws the same posterior noise (so their random
+        streams stay together) and takes process 0's value."""
+        s = self.state
+        if not self.latent.needs_std_rescaling(s.global_step, s.epoch, s.batch_in_epoch):
+            return
+        value = self.latent.rescale_by_std(batch, self._draw_cpu).to(self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast
+
+            value = broadcast(value.reshape(1), from_process=0)
+        self.latent.set_scale_factor(value.cpu())
+        self.accelerator.print(f"scale_by_std: scale_factor set to {self.latent.scale_factor!r}")
 
     def _non_finite(self, loss):
         step, value = self.state.global_step, loss.item()
@@ -378,7 +446,7 @@ class Trainer:
         for index, batch in enumerate(self.val_loader):
             if index >= self.options.validation_batches:
                 break
-            x, cond = self.get_input(batch), self.get_cond(batch)
+            x, cond = self._validation_inputs(batch, generator)
             t = torch.randint(0, self.objective.num_timesteps, (x.shape[0],), generator=generator).to(x.device)
             noise = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
             _, logs = module(x, t, noise, cond)
@@ -404,13 +472,20 @@ class Trainer:
                 (self.output_dir / "checkpoints" / "best.json").write_text(json.dumps(best, indent=1))
         return metrics
 
+    def _validation_inputs(self, batch, generator):
+        if self.latent is None:
+            return self.get_input(batch), self.get_cond(batch)
+        # the posterior noise from the validation generator, so that validating never changes the training run
+        draw = lambda shape: torch.randn(shape, generator=generator)  # noqa: E731
+        return self.latent.get_input(batch, draw), self.latent.conditioning(batch)
+
     def sampling_pipeline(self):
         from ldm_compat.pipelines.pipeline_ldm_compat import LDMCompatPipeline
 
         unet = self.accelerator.unwrap_model(self.module).unet
         params = self.settings.params
         return LDMCompatPipeline(
-            unet=unet, scheduler=self.scheduler, conditioning_key=params.get("conditioning_key"),
+            unet=unet, scheduler=self.scheduler, conditioning_key=self.objective.config.conditioning_key,
             image_size=params.get("image_size"), channels=params.get("channels"),
         )  # fmt: skip
 
@@ -435,13 +510,21 @@ class Trainer:
                        num_inference_steps=self.options.sample_steps, **kwargs)  # fmt: skip
             return out.images, out.intermediates
 
-        x = self.get_input(batch)
+        q_sample = module.objective.q_sample
+        if self.latent is not None:
+            from ldm_compat.training.latent_images import decoding_log_inputs, finish_latent_log
+
+            x, q_sample, sample = decoding_log_inputs(self.latent, batch, q_sample, sample, generator)
+        else:
+            x = self.get_input(batch)
         scope = self.ema.ema_scope(module.unet) if self.ema is not None else nullcontext()
         with scope:
             log = log_images(
-                x, module.objective.q_sample, self.objective.num_timesteps,
+                x, q_sample, self.objective.num_timesteps,
                 int(self.settings.params.get("log_every_t", 100)), sample=sample, generator=generator,
             )  # fmt: skip
+        if self.latent is not None:
+            log = finish_latent_log(self.latent, log, batch, x)
         module.train()
         tracker = None
         try:
@@ -465,6 +548,7 @@ class Trainer:
             write_training_folder(
                 folder, unet=unet, scheduler=self.scheduler, objective=self.objective, ema=self.ema,
                 config=self.config, global_step=self.state.global_step, epoch=self.state.epoch, overwrite=True,
+                extras=self.latent.original_state_dict() if self.latent is not None else None,
             )  # fmt: skip
             outputs["pipeline"] = str(folder)
             if self.options.export_original:

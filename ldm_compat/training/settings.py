@@ -61,7 +61,12 @@ def check_ddpm_params(params: Mapping, source: str = "config") -> list[str]:
             )
     if "unet_config" not in params:
         raise ConfigError(f"{source}: model.params.unet_config is required (the UNetModel target and params)")
-    unknown = sorted(set(params) - DDPM_KEYS)
+    known = DDPM_KEYS
+    if params.get("first_stage_config") is not None:
+        from ldm_compat.convert.to_diffusers import LATENT_DIFFUSION_KEYS
+
+        known = known | LATENT_DIFFUSION_KEYS  # LatentDiffusion's own options (checked by training.latent_model)
+    unknown = sorted(set(params) - known)
     if unknown:
         warnings.warn(f"{source}: model.params keys not used by DDPM (ignored): {', '.join(unknown)}", stacklevel=2)
     if params.get("use_positional_encodings"):
@@ -131,6 +136,11 @@ class TrainSettings:
     @property
     def use_ema(self) -> bool:
         return bool(self.params.get("use_ema", True))
+
+    @property
+    def is_latent(self) -> bool:
+        """A ``LatentDiffusion`` run (``model.params.first_stage_config``)."""
+        return self.params.get("first_stage_config") is not None
 
     @property
     def first_stage_key(self) -> str:
