@@ -199,6 +199,18 @@ def component_folders(index: dict) -> list[str]:
     )
 
 
+#: subfolders ``ldm-compat convert`` writes for a LatentDiffusion's first and cond stage; not pipeline components
+#: yet (model_index.json does not list them), each loads with its own class (``AutoencoderKL.from_pretrained(folder,
+#: subfolder="vae")``, ``CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")``, …)
+LATENT_STAGE_FOLDERS = ("vae", "vqvae", "text_encoder", "tokenizer", "bert", "class_embedder")
+
+
+def unlisted_stage_folders(folder: str | os.PathLike, index: dict) -> list[str]:
+    """The latent-stage subfolders present in ``folder`` that ``model_index.json`` does not list."""
+    listed = set(component_folders(index))
+    return [name for name in LATENT_STAGE_FOLDERS if name not in listed and (Path(folder) / name).is_dir()]
+
+
 def download(repo_id: str, **kwargs) -> str:
     """Download a pipeline repo (configs, safetensors weights, ``ldm_extras/``) and return the local folder.
 
