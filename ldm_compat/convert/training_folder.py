@@ -51,12 +51,13 @@ def write_training_folder(
     epoch: int = 0,
     overwrite: bool = False,
     extras=None,
+    search_dirs=(),
 ) -> Path:
     """Write the folder for a trained model: ``unet/`` holds the EMA weights when there is an EMA; ``extras`` as in
-    ``original_state_dict``."""
+    ``original_state_dict``; ``search_dirs``: where a cond stage finds its local files (tokenizers)."""
     state_dict = original_state_dict(unet, scheduler, objective, ema, extras)
     text = OmegaConf.to_yaml(OmegaConf.create(to_plain(config)))
     return write_folder(
         state_dict, to_plain(config), output_dir, entries={"global_step": global_step, "epoch": epoch},
-        config_text=text, overwrite=overwrite, source="training",
+        config_text=text, overwrite=overwrite, source="training", search_dirs=list(search_dirs),
     )  # fmt: skip

@@ -549,6 +549,7 @@ class Trainer:
                 folder, unet=unet, scheduler=self.scheduler, objective=self.objective, ema=self.ema,
                 config=self.config, global_step=self.state.global_step, epoch=self.state.epoch, overwrite=True,
                 extras=self.latent.original_state_dict() if self.latent is not None else None,
+                search_dirs=self.latent.search_dirs if self.latent is not None else (),
             )  # fmt: skip
             outputs["pipeline"] = str(folder)
             if self.options.export_original:
