@@ -28,6 +28,7 @@ from torch import nn
 
 from ldm_compat.config import ConfigError, to_plain
 from ldm_compat.training.latent_objective import (
+    FIRST_STAGE,
     UNCONDITIONAL,
     check_latent_params,
     conditioning_source,
@@ -109,6 +110,27 @@ class LatentOptions:
         return max(len(ddconfig.get("ch_mult") or (1,)) - 1, 0)
 
 
+def module_tree_order(keys) -> list[str]:
+    """``keys`` in the order ``nn.Module.state_dict`` writes a module tree: at every module its own tensors first,
+    then each child's subtree, children in order of first appearance. An order that already is a state dict's is
+    unchanged; a key appended at the end (a buffer kept aside) goes back to its module."""
+    tree: dict = {}
+    for key in keys:
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"{key}: a tensor and a module share the name {part!r}")
+        node[leaf] = key
+
+    def walk(node: dict) -> list[str]:
+        own = [v for v in node.values() if isinstance(v, str)]
+        return own + [k for v in node.values() if isinstance(v, dict) for k in walk(v)]
+
+    return walk(tree)
+
+
 def _build_first_stage(config: Mapping, scale_factor: float, scale_by_std: bool, source: str):
     """The first stage as the original ``instantiate_first_stage`` gets it: random weights, or its own ``ckpt_path``
     (``AutoencoderKL``/``VQModel`` load ``ckpt_path`` with ``strict=False``, after ``ignore_keys``)."""
@@ -171,7 +193,9 @@ class LatentModel:
         self.source = source
         self.restarted_from_ckpt = False
         self.std_rescaled = False
+        self.stage_key_order: list[str] = []  # first/cond-stage keys in a loaded checkpoint's (the original's) order
         self.cond_ids = make_cond_ids(options.timesteps, options.num_timesteps_cond) if self.shorten_cond else None
+        self._share_first_stage()
         if cond_stage is not None:
             for module in cond_stage.modules().values():
                 module.train(options.cond_stage_trainable)
@@ -188,6 +212,11 @@ class LatentModel:
         first_stage = _build_first_stage(options.first_stage_config, options.scale_factor, options.scale_by_std, source)
         cond_stage = _build_cond_stage(options.cond_stage_config, None, search_dirs, source)
         return cls(options, first_stage, cond_stage, search_dirs=search_dirs, source=source)
+
+    def _share_first_stage(self) -> None:
+        # __is_first_stage__: the original's cond_stage_model *is* first_stage_model (encode, then mode())
+        if self.options.cond_stage_config == FIRST_STAGE and self.cond_stage is not None:
+            self.cond_stage.first_stage = self.first_stage.model
 
     # ---------------------------------------------------------------------------------------------- properties
     @property
@@ -370,9 +399,11 @@ class LatentModel:
         first = {k[len(FIRST_STAGE_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(FIRST_STAGE_PREFIX)}
         cond = {k[len(COND_STAGE_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(COND_STAGE_PREFIX)}
         loaded, unexpected = [], []
+        self.stage_key_order = [k for k in state_dict if k.startswith((FIRST_STAGE_PREFIX, COND_STAGE_PREFIX))]
         if first:
             self.first_stage, extra = _update_first_stage(self.first_stage, self.options.first_stage_config, first)
             self.first_stage.model.requires_grad_(False)
+            self._share_first_stage()
             unexpected += [FIRST_STAGE_PREFIX + k for k in extra]
             loaded += [FIRST_STAGE_PREFIX + k for k in first if k not in extra]
         if cond:
@@ -432,7 +463,12 @@ class LatentModel:
         first = to_original_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()}, model)
         out.update((FIRST_STAGE_PREFIX + k, v) for k, v in first.items())
         if self.cond_stage is not None:
-            out.update((COND_STAGE_PREFIX + k, v) for k, v in self.cond_stage.original_state_dict().items())
+            cond = self.cond_stage.original_state_dict()
+            out.update((COND_STAGE_PREFIX + k, cond[k]) for k in module_tree_order(cond))
+        stages = [k for k in out if k != "scale_factor"]
+        if sorted(stages) == sorted(self.stage_key_order):  # the checkpoint we started from knows the order
+            out = {**({"scale_factor": out["scale_factor"]} if "scale_factor" in out else {}),
+                   **{k: out[k] for k in self.stage_key_order}}  # fmt: skip
         return out
 
     def train_module(self, unet, objective, draw: Draw | None = None) -> LatentTrainModule:
@@ -514,5 +550,6 @@ __all__ = [
     "build_latent_model",
     "global_randn",
     "is_latent",
+    "module_tree_order",
     "read_original_state_dict",
 ]
