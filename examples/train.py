@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train a latent-diffusion ``DDPM`` from an original-style YAML with Accelerate.
+"""Train a latent-diffusion ``DDPM`` or ``LatentDiffusion`` from an original-style YAML with Accelerate.
 
     accelerate launch examples/train.py --config configs/digits_ddpm.yaml --output_dir runs/digits \
         [--export-original] [key=value ...]
@@ -36,6 +36,9 @@ def parse_args(argv=None):
     p.add_argument("--dataloader_num_workers", type=int, default=0)
     p.add_argument("--sample_steps", type=int, default=None, help="steps for logged samples (default: all T)")
     p.add_argument("--nan_policy", choices=["stop", "skip"], default="stop")
+    p.add_argument("--latent_cache", default=None, metavar="DIR",
+                   help="LatentDiffusion: cache the first-stage encodings (and frozen text encodings) in DIR, "
+                        "computed once and reused by later runs (docs/training.md)")  # fmt: skip
     p.add_argument("overrides", nargs="*", help="OmegaConf dotlist overrides, key=value")
     return p.parse_args(argv)
 
@@ -66,6 +69,7 @@ def run(args) -> int:
         dataloader_num_workers=args.dataloader_num_workers,
         sample_steps=args.sample_steps,
         nan_policy=args.nan_policy,
+        latent_cache=args.latent_cache,
     )
     outputs = train(config, options, source=args.config)
     for name, path in outputs.items():

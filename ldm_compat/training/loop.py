@@ -342,7 +342,8 @@ class Trainer:
                 from ldm_compat.training.ucg import apply_ucg
 
                 # SD2's unconditional-guidance dropout; draws from torch's seeded (and checkpointed) global RNG
-                batch, _ = apply_ucg(batch, self.settings.params["ucg_training"])
+                batch, _ = apply_ucg(batch, self.settings.params["ucg_training"], num_processes=acc.num_processes,
+                                     process_index=acc.process_index)  # fmt: skip
             x = self.get_input(batch)
             cond = self.get_cond(batch)
             t, noise = self._draw_t_and_noise(x)
