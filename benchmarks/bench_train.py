@@ -14,6 +14,7 @@ Data are random images held in memory (``_common.RandomImages``), so decoding is
 contender's median step time over ``plain``'s. Usage::
 
     python benchmarks/bench_train.py [--model small|tiny|cifar32|celebahq64] [--device cuda] [--json out.json]
+    python benchmarks/bench_train.py --latent digits|digits32   # LatentDiffusion, with and without --latent_cache
 """
 
 from __future__ import annotations
@@ -221,6 +222,8 @@ def parse_args(argv):
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
     p.add_argument("--iters", type=int, default=4, help="optimizer steps of each contender per round")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps of each contender first")
+    p.add_argument("--latent", choices=["digits", "digits32"], default=None,
+                   help="instead: LatentDiffusion with/without the latent cache (bench_train_latent.py)")  # fmt: skip
     args = p.parse_args(argv)
     if args.rounds < 1 or args.iters < 1 or args.warmup < 0 or args.workers < 0:
         p.error("--rounds/--iters must be ≥ 1, --warmup/--workers ≥ 0")
@@ -234,6 +237,13 @@ def main(argv: list[str] | None = None) -> dict:
     device = setup_device(args.device, args.threads if args.device == "cpu" else None)
     report = {"benchmark": "train", "machine": machine(device), "rounds": args.rounds, "iters": args.iters,
               "warmup": args.warmup}  # fmt: skip
+    if args.latent:
+        import bench_train_latent
+
+        report["result"] = bench_train_latent.run(args, device)
+        bench_train_latent.print_report(report)
+        write_json(args.json, report)
+        return report
     report["result"] = run(args, device)
     if device.type == "cuda" and args.model in CUDA_TARGETS:
         got = report["result"]["results"]["trainer"]["img_per_s"]

@@ -114,3 +114,12 @@ def test_train_tiny_times_each_contender(tmp_path):
     assert all(r["wall"]["n"] == 2 and r["img_per_s"] > 0 for r in results.values())
     assert results["plain"]["ratio_vs_plain"] == 1.0
     assert json.loads(out.read_text())["result"]["batch"] == 4
+
+
+def test_train_latent_times_with_and_without_the_cache(tmp_path):
+    report = bench_train.main(["--latent", "digits", "--batch", "4", "--rounds", "1", "--iters", "2", "--warmup", "0",
+                               "--threads", "1", "--timesteps", "10", "--json", str(tmp_path / "l.json")])  # fmt: skip
+    results = report["result"]["results"]
+    assert set(results) == {"on-the-fly", "cached"}
+    assert all(r["wall"]["n"] == 2 and r["img_per_s"] > 0 for r in results.values())
+    assert results["cached"]["speedup_vs_on_the_fly"] > 0 and report["result"]["cache_build_s"] > 0

@@ -18,6 +18,7 @@ from ldm_compat.models.first_stage import load_first_stage
 from ldm_compat.training.latent_model import LatentModel, LatentOptions
 from ldm_compat.training.latent_objective import (
     LatentDiffusionObjective,
+    conditioning_source,
     make_cond_ids,
     settle_conditioning_key,
     std_scale_factor,
@@ -229,3 +230,18 @@ def test_shared_step_reproduces_the_originals_draws(name):
     assert set(logs) == set(expected)
     for k, v in logs.items():
         assert (v - expected[k]).abs().item() <= TOL, k
+
+
+def test_conditioning_source_as_get_input():
+    images = torch.rand(2, 4, 4, 3)  # b h w c
+    batch = {"image": images, "txt": ["a", "b"], "class_label": torch.tensor([1, 2]), "LR_image": images[:, :2, :2]}
+    x = torch.zeros(2, 3, 4, 4)
+    assert conditioning_source(batch, "image", "image", x) is x  # cond_stage_key == first_stage_key: the image
+    assert conditioning_source(batch, "txt", "image") == ["a", "b"]  # text: the raw list
+    assert conditioning_source(batch, "class_label", "image") is batch  # ClassEmbedder reads batch[key] itself
+    lr = conditioning_source(batch, "LR_image", "image")  # anything else: read like an image, b c h w
+    assert lr.shape == (2, 3, 2, 2) and torch.equal(lr, images[:, :2, :2].permute(0, 3, 1, 2))
+    with pytest.raises(ValueError, match="holds text"):
+        conditioning_source({"prompt": ["a"]}, "prompt", "image")
+    with pytest.raises(ValueError, match="no such key"):
+        conditioning_source(batch, "caption", "image")

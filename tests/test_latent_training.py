@@ -38,7 +38,8 @@ def latent_config(tmp_path):
 
 
 def test_digits_latent_trains_and_exports_an_original_checkpoint(latent_config, tmp_path):
-    trainer = run(latent_config, tmp_path / "out", checkpointing_steps=None, export_original=True, fit=False)
+    trainer = run(latent_config, tmp_path / "out", "model.params.learn_logvar=true", checkpointing_steps=None,
+                  export_original=True, fit=False)  # fmt: skip
     first_stage_before = {k: v.clone() for k, v in trainer.latent.first_stage.model.state_dict().items()}
     embedding_before = trainer.module.cond_stage_model["class_embedder"].embedding.weight.detach().clone()
     trainer.fit()
@@ -60,7 +61,9 @@ def test_digits_latent_trains_and_exports_an_original_checkpoint(latent_config, 
         group = key if "." not in key else key.split(".")[0]
         if not groups or groups[-1] != group:
             groups.append(group)
-    assert groups[12:] == ["scale_factor", "model", "model_ema", "first_stage_model", "cond_stage_model"]
+    assert groups[0] == "logvar" and groups[13:] == ["scale_factor", "model", "model_ema", "first_stage_model",
+                                                     "cond_stage_model"]  # fmt: skip
+    assert not torch.equal(state["logvar"], torch.zeros_like(state["logvar"]))  # learned: LatentDiffusion weights by it
     assert torch.equal(state["cond_stage_model.embedding.weight"],
                        trainer.module.cond_stage_model["class_embedder"].embedding.weight.detach())  # fmt: skip
     assert int(state["model_ema.num_updates"]) == 4
@@ -201,11 +204,20 @@ def test_ckpt_path_from_a_trained_folder_and_its_export(latent_config, tmp_path)
         assert all(torch.equal(x, y) for x, y in zip(first.ema.shadow_params, warm.ema.shadow_params))
 
 
-def test_image_log_decodes_latents(latent_config, tmp_path):
-    overrides = ["lightning.trainer.max_steps=1", "lightning.callbacks.image_logger.params.batch_frequency=1"]
-    run(latent_config, tmp_path / "img", *overrides, checkpointing_steps=None, sample_steps=2)
-    names = sorted(p.name.split("_gs")[0] for p in (tmp_path / "img" / "images" / "train").glob("*.png"))
-    assert names == ["denoise_row", "diffusion_row", "inputs", "reconstruction", "samples"]
+def test_image_log_and_validation_leave_the_run_unchanged(latent_config, tmp_path):
+    """Images decoded by the first stage; validation with and without the EMA; neither changes the training run
+    (their posterior noise, t and noise come from their own generators)."""
+    plain = run(latent_config, tmp_path / "plain", "lightning.trainer.max_steps=2", checkpointing_steps=None)
+    overrides = ["lightning.trainer.max_steps=2", "lightning.callbacks.image_logger.params.batch_frequency=1",
+                 "lightning.trainer.val_check_interval=1"]  # fmt: skip
+    logged = run(latent_config, tmp_path / "img", *overrides, checkpointing_steps=None, sample_steps=2,
+                 validation_batches=1)  # fmt: skip
+    names = {p.name.split("_gs")[0] for p in (tmp_path / "img" / "images" / "train").glob("*.png")}
+    assert names == {"denoise_row", "diffusion_row", "inputs", "reconstruction", "samples"}
+    metrics = logged.validate()
+    assert {"val/loss_simple", "val/loss_simple_ema", "val/loss"} <= set(metrics)
+    a, b = plain.unet.state_dict(), logged.unet.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_latent_cache_equals_on_the_fly_encoding_and_is_reused(tmp_path):

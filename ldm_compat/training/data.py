@@ -127,7 +127,8 @@ class ImageDataset(Dataset):
         self.hf = _readable(hf, self.image_column)
         # labels/captions (and small array images, e.g. the digits) are read once: per-row Arrow access is slow
         self._columns = {
-            c: self.hf.with_format(None)[c] for c in (self.label_column, self.caption_column) if c is not None
+            # list(): datasets ≥ 4 returns a lazy Column whose every [row] is an Arrow read
+            c: list(self.hf.with_format(None)[c]) for c in (self.label_column, self.caption_column) if c is not None
         }
         self._images = _in_memory_images(self.hf, self.image_column)
         self.image_key, self.image_size, self.interpolation = image_key, image_size, interpolation
