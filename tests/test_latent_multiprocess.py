@@ -28,7 +28,7 @@ def runs(tmp_path_factory):
     # ucg_training stays on (p = 0.1 of the labels): its masks are drawn for the global batch too
     config = write_latent_config(root / "latent.yaml", **{"model.base_learning_rate": 1.0e-5})
     cache = root / "cache"
-    two, ranks = launch(config, root / "two", "latent", "--latent_cache", str(cache),
+    two, ranks = launch(config, root / "two", "latent", "--latent_cache", str(cache), "--export-original",
                         f"lightning.trainer.max_steps={STEPS}")  # fmt: skip
     trainer = Trainer(
         load_ldm_config(config, [f"data.params.batch_size={PER_PROCESS * PROCESSES}"]),
@@ -77,3 +77,22 @@ def test_the_cache_is_built_once_and_shared(runs):
     folders = [p for p in runs["cache"].iterdir() if not p.name.startswith(".")]
     assert len(folders) == 1 and (folders[0] / "latent_cache.json").is_file()
     assert not [p for p in runs["cache"].iterdir() if p.name.startswith(".")]  # no temporary build folder left
+
+
+def test_export_original_from_the_launch_has_the_original_key_list(runs):
+    """``--export-original`` through ``accelerate launch``: the LatentDiffusion key list the one-process run's parts
+    give, in the original's order (schedule, scale_factor, UNet, EMA, first stage, cond stage)."""
+    import torch
+
+    from ldm_compat.convert.training_folder import original_state_dict
+
+    one = runs["one"]
+    ckpt = torch.load(runs["root"] / "two" / "original" / "model.ckpt", weights_only=True)
+    expected = original_state_dict(one.unet, one.scheduler, one.objective, one.ema, one.latent.original_state_dict())
+    assert list(ckpt["state_dict"]) == list(expected) and ckpt["global_step"] == STEPS
+    assert (
+        ckpt["state_dict"]["scale_factor"].item()
+        == load_any(runs["root"] / "two" / "checkpoints" / f"checkpoint-{STEPS}" / "custom_checkpoint_1.pkl")[
+            "scale_factor"
+        ]
+    )
