@@ -53,7 +53,8 @@ MODEL_CARD_FILE = "README.md"
 PIPELINE_CONFIG_KEYS = ("conditioning_key", "image_size", "channels")
 
 #: what ``LDMCompatPipeline.download`` fetches from a Hub repo: configs, safetensors weights, loader files, extras
-DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.py", f"{EXTRAS_DIR}/*"]
+# tokenizer vocabularies are .json (CLIP vocab.json, tokenizer.json) and .txt (CLIP merges.txt, BERT vocab.txt)
+DOWNLOAD_PATTERNS = ["*.json", "*.txt", "*.safetensors", "*.py", f"{EXTRAS_DIR}/*"]
 
 #: weight formats that unpickle on load; never written, pushed or downloaded by ldm_compat
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
