@@ -99,7 +99,7 @@ def case_pipeline(name: str):
 
 
 # ---------------------------------------------------------------------------------------------------- latent models
-LATENT_FIXTURES = FIXTURES.parent / "ldm_reference_latent"
+LATENT_FIXTURES = Path(__file__).parent / "fixtures" / "ldm_reference_latent"
 LATENT_CASES = sorted(p.name[: -len(".ckpt")] for p in LATENT_FIXTURES.glob("*.ckpt"))
 FIRST_STAGE_PREFIX = "first_stage_model."
 

@@ -117,6 +117,18 @@ def test_unknown_cond_stage_keeps_it_verbatim(tmp_path, caplog):
     assert_same_checkpoint(torch.load(ckpt("cin_vq_class"), weights_only=True), read_original_checkpoint(folder))
 
 
+def test_unconditional_latent_folder_names_ldm_compat_pipeline(tmp_path):
+    """An unconditional LatentDiffusion must not be named a stock DDPMPipeline: that would sample latents only."""
+    cfg = yaml.safe_load(config("cin_vq_class").read_text())
+    cfg["model"]["params"].update(cond_stage_config="__is_unconditional__", conditioning_key=None)
+    (tmp_path / "x.yaml").write_text(yaml.safe_dump(cfg))
+    folder = original_to_diffusers(ckpt("cin_vq_class"), tmp_path / "x.yaml", tmp_path / "f")
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"][1] == "LDMCompatPipeline" and index["conditioning_key"] is None
+    assert type(LDMCompatPipeline.from_pretrained(folder)) is LDMCompatPipeline
+    assert_same_checkpoint(torch.load(ckpt("cin_vq_class"), weights_only=True), read_original_checkpoint(folder))
+
+
 def test_unsupported_first_stage_keeps_it_verbatim(tmp_path, caplog):
     cfg = yaml.safe_load(config("sd1_kl_clip_eps").read_text())
     cfg["model"]["params"]["first_stage_config"]["params"]["ddconfig"]["tanh_out"] = True

@@ -272,3 +272,13 @@ def test_scale_by_std_divides_in_float32():
     assert torch.equal(buffer.get_first_stage_encoding(z), torch.tensor(scale) * z)
     expected_input = (1.0 / torch.tensor(scale)) * z
     assert torch.equal(buffer.decode_first_stage(z), fs.model.decode(expected_input).sample)
+
+
+def test_decode_without_and_with_gradients():
+    fs, _ = first_stage_of("sd1_kl_clip_eps")
+    z = load_latent_case("sd1_kl_clip_eps").io["first_stage.z"].clone().requires_grad_(True)
+    assert not fs.decode_first_stage(z).requires_grad  # the original decorates it with torch.no_grad
+    out = fs.differentiable_decode_first_stage(z)
+    out.sum().backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0
+    assert torch.equal(out.detach(), fs.decode_first_stage(z))

@@ -229,7 +229,7 @@ def load_folder_first_stage(folder: str | os.PathLike):
         return None
     params = manifest["ddpm_params"]
     cls = {"AutoencoderKL": AutoencoderKL, "VQModel": VQModel}[entry["class_name"]]
-    model = cls.from_pretrained(folder, subfolder=entry["subfolder"]).eval()
+    model = cls.from_pretrained(folder, subfolder=entry["subfolder"]).eval().requires_grad_(False)
     remap_key = FIRST_STAGE_PREFIX + REMAP_BUFFER
     remap = load_file(str(folder / EXTRA_TENSORS_FILE)).get(remap_key) if remap_key in entry["kept"] else None
     spec = parse_first_stage_config(params["first_stage_config"], f"{folder}: first_stage_config")

@@ -116,7 +116,7 @@ def build_scheduler(params: dict, buffers: Mapping[str, torch.Tensor], schedule_
     exactly; otherwise (with ``schedule_mismatch="trained_betas"``) the scheduler uses the checkpoint's ``betas``
     and the original buffers are stored so export stays lossless.
     """
-    from ldm_compat.schedulers.scheduling_ldm_ddpm import LDMDDPMScheduler
+    from ldm_compat.schedulers.scheduling_ldm_ddpm import LDMDDPMScheduler, zero_snr_candidates
 
     if schedule_mismatch not in ("error", "trained_betas"):
         raise ValueError(f"schedule_mismatch={schedule_mismatch!r}: expected 'error' or 'trained_betas'")
@@ -130,10 +130,12 @@ def build_scheduler(params: dict, buffers: Mapping[str, torch.Tensor], schedule_
     mismatch: list[str] = []
     for candidate in candidates:
         candidate = {k: v for k, v in candidate.items() if k != "_inferred_schedule"}
-        scheduler = LDMDDPMScheduler.from_ldm_config(candidate)
-        mismatch = [name for name in scheduler.schedule_mismatches(buffers) if name in buffers]
-        if not mismatch:
-            return scheduler, candidate, {}
+        # a zero-SNR model's YAML holds the schedule before rescaling (the original has no option for it)
+        for overrides in zero_snr_candidates(buffers):
+            scheduler = LDMDDPMScheduler.from_ldm_config(candidate, **overrides)
+            mismatch = [name for name in scheduler.schedule_mismatches(buffers) if name in buffers]
+            if not mismatch:
+                return scheduler, candidate, {}
     if schedule_mismatch == "error":
         raise ValueError(
             f"{source}: the checkpoint's schedule buffers differ from the config's schedule: {', '.join(mismatch)}; "
@@ -190,9 +192,18 @@ def save_pipeline(directory: Path, unet, scheduler, params: Mapping, stages: Lat
         image_size=params.get("image_size"),
         channels=params.get("channels"),
     )
-    pipe.save_pretrained(directory, safe_serialization=True)
-    if stages is not None:
+    if stages is not None and stages.components:
+        # a latent folder names LDMCompatPipeline, never a stock pipeline that would run the UNet alone (choosing a
+        # stock latent pipeline is issue 15): the diffusers save, then our folder format without a stock class
+        from diffusers import DiffusionPipeline
+
+        from ldm_compat.pipelines.folder import finalize_folder
+
+        DiffusionPipeline.save_pretrained(pipe, directory, safe_serialization=True)
+        finalize_folder(directory, LDMCompatPipeline, None)
         stages.save(directory)
+    else:
+        pipe.save_pretrained(directory, safe_serialization=True)
 
 
 def _save_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:

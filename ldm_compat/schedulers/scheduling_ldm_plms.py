@@ -68,7 +68,7 @@ class LDMPLMSScheduler(LDMDDIMScheduler):
         # the first step's second evaluation is at time_range[min(1, len - 1)]: the same timestep for a 1-step grid
         second = min(1, len(grid) - 1)
         self.timesteps = torch.cat([grid[:1], grid[second : second + 1], grid[1:]])
-        self._grid = grid.cpu()
+        self._plms_grid = grid.cpu()
         self._reset_chain()
 
     def _reset_chain(self) -> None:
@@ -87,7 +87,7 @@ class LDMPLMSScheduler(LDMDDIMScheduler):
         ``log_every_t``); both lists start with ``x_T``. Original step ``i`` ends at call ``i + 1``."""
         if self._step_params is None:
             raise ValueError("intermediate_steps: call set_timesteps first")
-        return [i + 1 for i in ddim_intermediate_steps(len(self._grid), log_every_t)]
+        return [i + 1 for i in ddim_intermediate_steps(len(self._plms_grid), log_every_t)]
 
     # ------------------------------------------------------------------ the PLMS step
     def step(

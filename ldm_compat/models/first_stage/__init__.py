@@ -43,7 +43,7 @@ def load_first_stage(
     model = build_model(spec, scale_factor, device="meta")
     weights, kept = to_diffusers_state_dict(state, model, source)
     model.load_state_dict(weights, assign=True, strict=True)
-    model.eval()
+    model.eval().requires_grad_(False)  # as LatentDiffusion.instantiate_first_stage: frozen, in eval mode
     first_stage = FirstStage(model, spec, scale_factor, scale_by_std, remap_used=kept.get(REMAP_BUFFER))
     return first_stage, kept
 

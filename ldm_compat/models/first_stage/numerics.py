@@ -108,6 +108,12 @@ class FirstStage:
     ) -> torch.Tensor:
         """``decode(1 / scale_factor * z)``; VQModelInterface re-quantizes unless ``force_not_quantize`` (or
         ``predict_cids``: ``z`` holds code logits or indices, looked up in the codebook first)."""
+        return self.differentiable_decode_first_stage(z, predict_cids, force_not_quantize)
+
+    def differentiable_decode_first_stage(
+        self, z: torch.Tensor, predict_cids: bool = False, force_not_quantize: bool = False
+    ) -> torch.Tensor:
+        """``decode_first_stage`` with gradients (the original's ``differentiable_decode_first_stage``)."""
         if predict_cids:
             z = self.codebook_entry(z.exp().argmax(dim=1) if z.dim() == 4 else z)
         z = self._inverse_scale() * z
