@@ -1,0 +1,243 @@
+"""Training on Accelerate's engines beyond one process, on the CPU (gloo), with real ``accelerate launch`` runs.
+
+Runs (tiny config, 2 images per process, 4 steps, checkpoints every 2, logged samples at step 4):
+- ``ddp1``: one machine, two processes (DDP);
+- ``ddp2``: two "machines" of one process each on this machine (``--num_machines 2 --machine_rank 0|1``, two
+  launchers; ``--num_processes`` is the total over all machines);
+- ``killed``: FSDP2 (``configs/accelerate/fsdp2.yaml``), every process SIGKILLed while checkpoint-4 is being written
+  (all shards in the hidden temporary folder, not yet published);
+- ``resumed``: the same command again (``--resume_from_checkpoint latest``: from checkpoint-2);
+- ``straight``: the FSDP2 run uninterrupted.
+
+Checked: ``ddp2`` equals ``ddp1`` bit for bit (every checkpoint file, RNG states included, and the pipeline folder);
+FSDP2 equals DDP within a float32 tolerance; the killed and resumed FSDP2 run equals the uninterrupted one bit for
+bit (checkpoint, EMA shards, pipeline folder, original checkpoint); the pipeline folder and original checkpoint the
+FSDP2 run wrote (gathered from shards) equal, bit for bit, those written from an unsharded model assembled here from
+the processes' raw local shards.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers.checkpoint_compare import differences, folder_differences, load_any, tensor_max_abs
+from helpers.tiny_config import tiny_config, write_config
+from safetensors import safe_open
+
+ROOT = Path(__file__).resolve().parents[1]
+HELPER = ROOT / "tests" / "helpers" / "dist_train.py"
+PER_PROCESS, PROCESSES, STEPS, EVERY = 2, 2, 4, 2
+OVERRIDES = [f"data.params.batch_size={PER_PROCESS}", f"lightning.trainer.max_steps={STEPS}",
+             f"lightning.callbacks.image_logger.params.batch_frequency={STEPS}"]  # fmt: skip
+# base_learning_rate 1e-5 as in test_reliability_multiprocess: FSDP2 and DDP reduce the gradients in different
+# collectives, and AdamW turns rounding in near-zero gradients into steps of up to the learning rate
+CONFIG = tiny_config(**{"model.base_learning_rate": 1.0e-5})
+TOL = 1e-5
+TIMEOUT = 300
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env(run: str, **extra) -> dict:
+    return {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1", "LDM_TEST_RUN": run,
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), **extra}  # fmt: skip
+
+
+def launch_cmd(launcher: list[str], config: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--mixed_precision", "no",
+            "--dynamo_backend", "no", str(HELPER), "--config", str(config), "--output_dir", str(out),
+            "--report_to", "none", "--checkpointing_steps", str(EVERY), "--resume_from_checkpoint", "latest",
+            "--sample_steps", "2", "--export-original", *OVERRIDES]  # fmt: skip
+
+
+def communicate(procs: list[subprocess.Popen]) -> list[subprocess.CompletedProcess]:
+    """Wait for the launchers; on a hang kill each launcher's whole process group (its workers too)."""
+    results = []
+    for proc in procs:
+        try:
+            stdout, stderr = proc.communicate(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                os.killpg(p.pid, signal.SIGKILL)
+            raise
+        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+    return results
+
+
+def start(launcher: list[str], config: Path, out: Path, name: str, **extra) -> subprocess.Popen:
+    return subprocess.Popen(launch_cmd(launcher, config, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env(name, **extra), cwd=ROOT, start_new_session=True)  # fmt: skip
+
+
+def run(launcher: list[str], config: Path, out: Path, name: str, **extra) -> subprocess.CompletedProcess:
+    return communicate([start([*launcher, "--main_process_port", str(free_port())], config, out, name, **extra)])[0]
+
+
+def run_two_machines(config: Path, out: Path, name: str) -> list[subprocess.CompletedProcess]:
+    """Two launchers, one per "machine", started together as on a cluster."""
+    port = free_port()
+    launchers = [["--multi_gpu", "--num_processes", str(PROCESSES), "--num_machines", "2", "--machine_rank",
+                  str(machine), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port)]
+                 for machine in range(2)]  # fmt: skip
+    return communicate([start(launcher, config, out, name) for launcher in launchers])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distributed")
+    config = write_config(root / "tiny.yaml", CONFIG)
+    fsdp = ["--config_file", str(ROOT / "configs" / "accelerate" / "fsdp2.yaml"), "--num_processes", str(PROCESSES)]
+    out = {"root": root, "config": config}
+    out["ddp1"] = run(["--multi_gpu", "--num_processes", str(PROCESSES), "--num_machines", "1"], config,
+                      root / "ddp1", "ddp1")  # fmt: skip
+    out["ddp2"] = run_two_machines(config, root / "ddp2", "ddp2")
+    out["straight"] = run(fsdp, config, root / "straight", "straight")
+    out["killed"] = run(fsdp, config, root / "fsdp", "killed", LDM_TEST_KILL_IN_SAVE=str(STEPS))
+    out["after_kill"] = sorted(p.name for p in (root / "fsdp" / "checkpoints").iterdir())
+    out["resumed"] = run(fsdp, config, root / "fsdp", "resumed")
+    return out
+
+
+def ok(result) -> None:
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def rank_meta(folder: Path, run: str) -> list[dict]:
+    return [safe_open(str(folder / "ranks" / f"{run}-rank{r}.safetensors"), "pt").metadata() for r in range(PROCESSES)]
+
+
+def test_two_machines_equal_one_machine_bit_for_bit(runs):
+    ok(runs["ddp1"])
+    for result in runs["ddp2"]:
+        ok(result)
+    one, two = runs["root"] / "ddp1", runs["root"] / "ddp2"
+    # really two machines of one process each (every process is its machine's local main process)
+    assert [m["local_rank"] for m in rank_meta(two, "ddp2")] == ["0", "0"]
+    assert [m["local_rank"] for m in rank_meta(one, "ddp1")] == ["0", "1"]
+    assert {m["num_processes"] for m in rank_meta(two, "ddp2")} == {str(PROCESSES)}
+    for step in (EVERY, STEPS):
+        name = f"checkpoints/checkpoint-{step}"
+        assert not folder_differences(one / name, two / name), folder_differences(one / name, two / name)
+    assert not folder_differences(one / "pipeline", two / "pipeline")
+    assert not differences(load_any(one / "original/model.ckpt"), load_any(two / "original/model.ckpt"))
+    assert (one / "original/model.yaml").read_text() == (two / "original/model.yaml").read_text()
+
+
+def pipeline_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for path in sorted(folder.rglob("*.safetensors")):
+        out.update({f"{path.relative_to(folder)}:{k}": v for k, v in load_any(path).items()})
+    return out
+
+
+def test_fsdp2_matches_ddp(runs):
+    ok(runs["ddp1"])
+    ok(runs["straight"])
+    straight = runs["root"] / "straight"
+    assert {m["fsdp2"] for m in rank_meta(straight, "straight")} == {"True"}
+    ddp, sharded = pipeline_tensors(runs["root"] / "ddp1" / "pipeline"), pipeline_tensors(straight / "pipeline")
+    assert len(ddp) > 100
+    diff, where = tensor_max_abs(ddp, sharded)
+    print(f"FSDP2 vs DDP after {STEPS} steps: max |Δ| {diff:.3g} at {where}")
+    assert diff <= TOL, f"FSDP2 vs DDP: max |Δ| {diff:.3g} at {where} (> {TOL})"
+
+
+def dcp_state(folder: Path, tmp: Path) -> dict:
+    """A DCP folder (FSDP2's sharded model or optimizer) read back as one state dict (no process group needed)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    target = tmp / f"{folder.parent.parent.parent.name}-{folder.parent.name}-{folder.name}.pt"
+    dcp_to_torch_save(str(folder), str(target))
+    return torch.load(target, weights_only=False)
+
+
+def test_fsdp2_kill_and_resume_is_bit_identical(runs, tmp_path):
+    killed, resumed = runs["killed"], runs["resumed"]
+    ok(runs["straight"])
+    assert killed.returncode != 0, "the run was not killed"
+    # killed while checkpoint-4 was written: only the hidden temporary folder has it, latest is checkpoint-2
+    assert runs["after_kill"] == [f".tmp-checkpoint-{STEPS}", f"checkpoint-{EVERY}"], runs["after_kill"]
+    ok(resumed)
+    assert f"resumed from {runs['root'] / 'fsdp' / 'checkpoints' / f'checkpoint-{EVERY}'}" in resumed.stdout
+    a, b = runs["root"] / "fsdp", runs["root"] / "straight"
+    name = f"checkpoints/checkpoint-{STEPS}"
+    files = {p.name for p in (a / name).iterdir()}
+    assert {"pytorch_model_fsdp_0", "optimizer_0", "ema_shard_0.safetensors", "ema_shard_1.safetensors"} <= files
+    assert not folder_differences(a / name, b / name), folder_differences(a / name, b / name)
+    for part in ("pytorch_model_fsdp_0", "optimizer_0"):
+        found = differences(dcp_state(a / name / part, tmp_path), dcp_state(b / name / part, tmp_path), part)
+        assert not found, found[:5]
+    assert not folder_differences(a / "pipeline", b / "pipeline")
+    assert not differences(load_any(a / "original/model.ckpt"), load_any(b / "original/model.ckpt"))
+    assert sorted(p.name for p in (a / "checkpoints").iterdir()) == [f"checkpoint-{EVERY}", f"checkpoint-{STEPS}"]
+
+
+def assemble(folder: Path, run: str) -> dict[str, torch.Tensor]:
+    """Full tensors from the processes' raw local pieces (rank order along dim 0, as FSDP2 shards)."""
+    pieces = [load_any(folder / "ranks" / f"{run}-rank{r}.safetensors") for r in range(PROCESSES)]
+    return {k: torch.cat([p[k] for p in pieces]) for k in pieces[0]}
+
+
+def test_sharded_save_equals_an_unsharded_one_bit_for_bit(runs, tmp_path):
+    from ldm_compat.config import load_ldm_config
+    from ldm_compat.convert.export import diffusers_to_original
+    from ldm_compat.convert.training_folder import write_training_folder
+    from ldm_compat.models.unet_ldm import LDMUNetModel
+    from ldm_compat.schedulers.scheduling_ldm_ddpm import LDMDDPMScheduler
+    from ldm_compat.training.ema import LitEmaModel
+    from ldm_compat.training.objective import DDPMObjective
+
+    ok(runs["straight"])
+    straight = runs["root"] / "straight"
+    ranks = [load_any(straight / "ranks" / f"straight-rank{r}.safetensors") for r in range(PROCESSES)]
+    # the output convolution (1 channel) is split unevenly: 1 row on process 0, none on process 1
+    assert [r["unet.out.2.weight"].shape[0] for r in ranks] == [1, 0]
+    assert [r["ema.out.2.bias"].shape[0] for r in ranks] == [1, 0]
+    full = assemble(straight, "straight")
+    config = load_ldm_config(runs["config"], OVERRIDES)
+    params = config.model.params
+    unet = LDMUNetModel.from_ldm_config(params.unet_config)
+    unet.load_state_dict({k[len("unet.") :]: v for k, v in full.items() if k.startswith("unet.")})
+    objective = DDPMObjective.from_ldm_config(params)
+    with torch.no_grad():
+        objective.logvar.copy_(full["logvar"])
+    ema = LitEmaModel(unet)
+    ema.shadow_params = [full[f"ema.{name}"].clone() for name in ema._names]
+    ema.num_updates = STEPS
+    loop_state = load_any(straight / "checkpoints" / f"checkpoint-{STEPS}" / "custom_checkpoint_1.pkl")
+    folder = tmp_path / "pipeline"
+    write_training_folder(
+        folder, unet=unet, scheduler=LDMDDPMScheduler.from_ldm_config(params), objective=objective, ema=ema,
+        config=config, global_step=loop_state["global_step"], epoch=loop_state["epoch"],
+    )  # fmt: skip
+    ckpt = tmp_path / "original" / "model.ckpt"
+    diffusers_to_original(folder, ckpt, config_output=ckpt.with_suffix(".yaml"))
+    assert not folder_differences(straight / "pipeline", folder), folder_differences(straight / "pipeline", folder)
+    assert not differences(load_any(straight / "original/model.ckpt"), load_any(ckpt))
+    assert (straight / "original/model.yaml").read_text() == ckpt.with_suffix(".yaml").read_text()
+
+
+def test_fsdp2_checkpoint_keeps_the_layout_on_disk(runs):
+    """What a sharded checkpoint holds: Accelerate's DCP folders, one EMA shard file and one RNG file per process,
+    the EMA scalars (no shadows) in the custom state."""
+    ok(runs["straight"])
+    checkpoint = runs["root"] / "straight" / "checkpoints" / f"checkpoint-{STEPS}"
+    ema_state = load_any(checkpoint / "custom_checkpoint_0.pkl")
+    assert ema_state["sharded"] is True and "shadow_params" not in ema_state
+    assert ema_state["optimization_step"] == STEPS
+    shards = [load_any(checkpoint / f"ema_shard_{r}.safetensors") for r in range(PROCESSES)]
+    assert shards[0].keys() == shards[1].keys() and len(shards[0]) > 50
+    assert shards[0]["out.2.weight"].shape[0] == 1 and shards[1]["out.2.weight"].shape[0] == 0
+    assert not [p for p in checkpoint.parent.iterdir() if p.name.startswith(".")]
