@@ -4,21 +4,23 @@ Runs (tiny config, 2 images per process, 4 steps, checkpoints every 2, logged sa
 - ``ddp1``: one machine, two processes (DDP);
 - ``ddp2``: two "machines" of one process each on this machine (``--num_machines 2 --machine_rank 0|1``, two
   launchers; ``--num_processes`` is the total over all machines);
-- ``killed``: FSDP2 (``configs/accelerate/fsdp2.yaml``), every process SIGKILLed while checkpoint-4 is being written
-  (all shards in the hidden temporary folder, not yet published);
-- ``resumed``: the same command again (``--resume_from_checkpoint latest``: from checkpoint-2);
-- ``straight``: the FSDP2 run uninterrupted.
+- ``killed``: FSDP2 (``configs/accelerate/fsdp2.yaml``), every process SIGKILLed while checkpoint-4 is being written,
+  after all its files are in the hidden temporary folder and before it is published: that folder is the
+  uninterrupted run's checkpoint-4 (kept aside here), ``latest`` is checkpoint-2;
+- ``resumed``: the same command again (``--resume_from_checkpoint latest``), to the end.
 
-Checked: ``ddp2`` equals ``ddp1`` bit for bit (every checkpoint file, RNG states included, and the pipeline folder);
-FSDP2 equals DDP within a float32 tolerance; the killed and resumed FSDP2 run equals the uninterrupted one bit for
-bit (checkpoint, EMA shards, pipeline folder, original checkpoint); the pipeline folder and original checkpoint the
-FSDP2 run wrote (gathered from shards) equal, bit for bit, those written from an unsharded model assembled here from
-the processes' raw local shards.
+Checked: ``ddp2`` equals ``ddp1`` bit for bit (every checkpoint file, RNG states included, the pipeline folder, the
+original checkpoint); the resumed FSDP2 run's checkpoint-4 equals the uninterrupted one bit for bit (sharded model
+and optimizer, EMA shards, RNG states, loop state); FSDP2 equals DDP within a float32 tolerance; the pipeline folder
+and original checkpoint the FSDP2 run wrote (gathered from shards) equal, bit for bit, those written from an
+unsharded model assembled here from the processes' raw local shards (the output convolution's single row sits on
+process 0, process 1 holds an empty shard of it).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -103,9 +105,11 @@ def runs(tmp_path_factory):
     out["ddp1"] = run(["--multi_gpu", "--num_processes", str(PROCESSES), "--num_machines", "1"], config,
                       root / "ddp1", "ddp1")  # fmt: skip
     out["ddp2"] = run_two_machines(config, root / "ddp2", "ddp2")
-    out["straight"] = run(fsdp, config, root / "straight", "straight")
+    checkpoints = root / "fsdp" / "checkpoints"
     out["killed"] = run(fsdp, config, root / "fsdp", "killed", LDM_TEST_KILL_IN_SAVE=str(STEPS))
-    out["after_kill"] = sorted(p.name for p in (root / "fsdp" / "checkpoints").iterdir())
+    out["after_kill"] = sorted(p.name for p in checkpoints.iterdir())
+    if (checkpoints / f".tmp-checkpoint-{STEPS}").is_dir():  # the next save removes it
+        shutil.copytree(checkpoints / f".tmp-checkpoint-{STEPS}", root / "uninterrupted" / f"checkpoint-{STEPS}")
     out["resumed"] = run(fsdp, config, root / "fsdp", "resumed")
     return out
 
@@ -144,10 +148,10 @@ def pipeline_tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 def test_fsdp2_matches_ddp(runs):
     ok(runs["ddp1"])
-    ok(runs["straight"])
-    straight = runs["root"] / "straight"
-    assert {m["fsdp2"] for m in rank_meta(straight, "straight")} == {"True"}
-    ddp, sharded = pipeline_tensors(runs["root"] / "ddp1" / "pipeline"), pipeline_tensors(straight / "pipeline")
+    ok(runs["resumed"])
+    fsdp = runs["root"] / "fsdp"
+    assert {m["fsdp2"] for m in rank_meta(fsdp, "resumed")} == {"True"}
+    ddp, sharded = pipeline_tensors(runs["root"] / "ddp1" / "pipeline"), pipeline_tensors(fsdp / "pipeline")
     assert len(ddp) > 100
     diff, where = tensor_max_abs(ddp, sharded)
     print(f"FSDP2 vs DDP after {STEPS} steps: max |Δ| {diff:.3g} at {where}")
@@ -158,30 +162,37 @@ def dcp_state(folder: Path, tmp: Path) -> dict:
     """A DCP folder (FSDP2's sharded model or optimizer) read back as one state dict (no process group needed)."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    target = tmp / f"{folder.parent.parent.parent.name}-{folder.parent.name}-{folder.name}.pt"
+    tmp.mkdir(parents=True, exist_ok=True)
+    target = tmp / f"{folder.name}.pt"
     dcp_to_torch_save(str(folder), str(target))
     return torch.load(target, weights_only=False)
 
 
 def test_fsdp2_kill_and_resume_is_bit_identical(runs, tmp_path):
     killed, resumed = runs["killed"], runs["resumed"]
-    ok(runs["straight"])
     assert killed.returncode != 0, "the run was not killed"
     # killed while checkpoint-4 was written: only the hidden temporary folder has it, latest is checkpoint-2
     assert runs["after_kill"] == [f".tmp-checkpoint-{STEPS}", f"checkpoint-{EVERY}"], runs["after_kill"]
     ok(resumed)
-    assert f"resumed from {runs['root'] / 'fsdp' / 'checkpoints' / f'checkpoint-{EVERY}'}" in resumed.stdout
-    a, b = runs["root"] / "fsdp", runs["root"] / "straight"
-    name = f"checkpoints/checkpoint-{STEPS}"
-    files = {p.name for p in (a / name).iterdir()}
-    assert {"pytorch_model_fsdp_0", "optimizer_0", "ema_shard_0.safetensors", "ema_shard_1.safetensors"} <= files
-    assert not folder_differences(a / name, b / name), folder_differences(a / name, b / name)
+    assert (
+        f"resumed from {runs['root'] / 'fsdp' / 'checkpoints' / f'checkpoint-{EVERY}'} at step {EVERY}"
+        in resumed.stdout
+    )
+    checkpoints = runs["root"] / "fsdp" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == [f"checkpoint-{EVERY}", f"checkpoint-{STEPS}"]
+    a, b = runs["root"] / "uninterrupted" / f"checkpoint-{STEPS}", checkpoints / f"checkpoint-{STEPS}"
+    files = {p.name for p in b.iterdir()}
+    assert {"pytorch_model_fsdp_0", "optimizer_0", "ema_shard_0.safetensors", "ema_shard_1.safetensors",
+            "random_states_0.pkl", "random_states_1.pkl", "custom_checkpoint_0.pkl"} <= files  # fmt: skip
+    found = [d for d in folder_differences(a, b) if not d.startswith("ema_shard_")]
+    assert not found, found
+    for r in range(PROCESSES):  # safetensors orders empty tensors arbitrarily: compare by name
+        shards = [load_any(x / f"ema_shard_{r}.safetensors") for x in (a, b)]
+        found = differences(*(dict(sorted(x.items())) for x in shards), f"ema_shard_{r}")
+        assert not found, found
     for part in ("pytorch_model_fsdp_0", "optimizer_0"):
-        found = differences(dcp_state(a / name / part, tmp_path), dcp_state(b / name / part, tmp_path), part)
+        found = differences(dcp_state(a / part, tmp_path / "a"), dcp_state(b / part, tmp_path / "b"), part)
         assert not found, found[:5]
-    assert not folder_differences(a / "pipeline", b / "pipeline")
-    assert not differences(load_any(a / "original/model.ckpt"), load_any(b / "original/model.ckpt"))
-    assert sorted(p.name for p in (a / "checkpoints").iterdir()) == [f"checkpoint-{EVERY}", f"checkpoint-{STEPS}"]
 
 
 def assemble(folder: Path, run: str) -> dict[str, torch.Tensor]:
@@ -199,13 +210,13 @@ def test_sharded_save_equals_an_unsharded_one_bit_for_bit(runs, tmp_path):
     from ldm_compat.training.ema import LitEmaModel
     from ldm_compat.training.objective import DDPMObjective
 
-    ok(runs["straight"])
-    straight = runs["root"] / "straight"
-    ranks = [load_any(straight / "ranks" / f"straight-rank{r}.safetensors") for r in range(PROCESSES)]
+    ok(runs["resumed"])
+    fsdp = runs["root"] / "fsdp"
+    ranks = [load_any(fsdp / "ranks" / f"resumed-rank{r}.safetensors") for r in range(PROCESSES)]
     # the output convolution (1 channel) is split unevenly: 1 row on process 0, none on process 1
     assert [r["unet.out.2.weight"].shape[0] for r in ranks] == [1, 0]
     assert [r["ema.out.2.bias"].shape[0] for r in ranks] == [1, 0]
-    full = assemble(straight, "straight")
+    full = assemble(fsdp, "resumed")
     config = load_ldm_config(runs["config"], OVERRIDES)
     params = config.model.params
     unet = LDMUNetModel.from_ldm_config(params.unet_config)
@@ -216,7 +227,7 @@ def test_sharded_save_equals_an_unsharded_one_bit_for_bit(runs, tmp_path):
     ema = LitEmaModel(unet)
     ema.shadow_params = [full[f"ema.{name}"].clone() for name in ema._names]
     ema.num_updates = STEPS
-    loop_state = load_any(straight / "checkpoints" / f"checkpoint-{STEPS}" / "custom_checkpoint_1.pkl")
+    loop_state = load_any(fsdp / "checkpoints" / f"checkpoint-{STEPS}" / "custom_checkpoint_1.pkl")
     folder = tmp_path / "pipeline"
     write_training_folder(
         folder, unet=unet, scheduler=LDMDDPMScheduler.from_ldm_config(params), objective=objective, ema=ema,
@@ -224,16 +235,16 @@ def test_sharded_save_equals_an_unsharded_one_bit_for_bit(runs, tmp_path):
     )  # fmt: skip
     ckpt = tmp_path / "original" / "model.ckpt"
     diffusers_to_original(folder, ckpt, config_output=ckpt.with_suffix(".yaml"))
-    assert not folder_differences(straight / "pipeline", folder), folder_differences(straight / "pipeline", folder)
-    assert not differences(load_any(straight / "original/model.ckpt"), load_any(ckpt))
-    assert (straight / "original/model.yaml").read_text() == ckpt.with_suffix(".yaml").read_text()
+    assert not folder_differences(fsdp / "pipeline", folder), folder_differences(fsdp / "pipeline", folder)
+    assert not differences(load_any(fsdp / "original/model.ckpt"), load_any(ckpt))
+    assert (fsdp / "original/model.yaml").read_text() == ckpt.with_suffix(".yaml").read_text()
 
 
 def test_fsdp2_checkpoint_keeps_the_layout_on_disk(runs):
     """What a sharded checkpoint holds: Accelerate's DCP folders, one EMA shard file and one RNG file per process,
     the EMA scalars (no shadows) in the custom state."""
-    ok(runs["straight"])
-    checkpoint = runs["root"] / "straight" / "checkpoints" / f"checkpoint-{STEPS}"
+    ok(runs["resumed"])
+    checkpoint = runs["root"] / "fsdp" / "checkpoints" / f"checkpoint-{STEPS}"
     ema_state = load_any(checkpoint / "custom_checkpoint_0.pkl")
     assert ema_state["sharded"] is True and "shadow_params" not in ema_state
     assert ema_state["optimization_step"] == STEPS
