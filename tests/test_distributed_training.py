@@ -52,9 +52,11 @@ def free_port() -> int:
 
 
 def env(run: str, **extra) -> dict:
-    return {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1", "LDM_TEST_RUN": run,
-            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), **extra}  # fmt: skip
+    """The launch environment; an ``extra`` value of ``None`` removes that variable."""
+    out = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1", "LDM_TEST_RUN": run,
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), **extra}  # fmt: skip
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def launch_cmd(launcher: list[str], config: Path, out: Path) -> list[str]:
@@ -105,12 +107,19 @@ def runs(tmp_path_factory):
     out["ddp1"] = run(["--multi_gpu", "--num_processes", str(PROCESSES), "--num_machines", "1"], config,
                       root / "ddp1", "ddp1")  # fmt: skip
     out["ddp2"] = run_two_machines(config, root / "ddp2", "ddp2")
-    checkpoints = root / "fsdp" / "checkpoints"
-    out["killed"] = run(fsdp, config, root / "fsdp", "killed", LDM_TEST_KILL_IN_SAVE=str(STEPS))
-    out["after_kill"] = sorted(p.name for p in checkpoints.iterdir())
+    out["fsdp"] = kill_in_save_then_resume(fsdp, config, root, "fsdp")
+    return out
+
+
+def kill_in_save_then_resume(launcher: list[str], config: Path, root: Path, name: str, **extra) -> dict:
+    """Kill every process while checkpoint-4 is written (keeping that complete, unpublished folder aside as the
+    uninterrupted run's checkpoint-4), then run the same command again."""
+    checkpoints = root / name / "checkpoints"
+    out = {"killed": run(launcher, config, root / name, f"{name}-killed", LDM_TEST_KILL_IN_SAVE=str(STEPS), **extra)}
+    out["after_kill"] = sorted(p.name for p in checkpoints.iterdir()) if checkpoints.is_dir() else []
     if (checkpoints / f".tmp-checkpoint-{STEPS}").is_dir():  # the next save removes it
-        shutil.copytree(checkpoints / f".tmp-checkpoint-{STEPS}", root / "uninterrupted" / f"checkpoint-{STEPS}")
-    out["resumed"] = run(fsdp, config, root / "fsdp", "resumed")
+        shutil.copytree(checkpoints / f".tmp-checkpoint-{STEPS}", root / f"{name}-uninterrupted")
+    out["resumed"] = run(launcher, config, root / name, f"{name}-resumed", **extra)
     return out
 
 
@@ -146,16 +155,20 @@ def pipeline_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def test_fsdp2_matches_ddp(runs):
+def check_matches_ddp(runs, folder: Path, what: str) -> None:
     ok(runs["ddp1"])
-    ok(runs["resumed"])
-    fsdp = runs["root"] / "fsdp"
-    assert {m["fsdp2"] for m in rank_meta(fsdp, "resumed")} == {"True"}
-    ddp, sharded = pipeline_tensors(runs["root"] / "ddp1" / "pipeline"), pipeline_tensors(fsdp / "pipeline")
+    ddp, other = pipeline_tensors(runs["root"] / "ddp1" / "pipeline"), pipeline_tensors(folder / "pipeline")
     assert len(ddp) > 100
-    diff, where = tensor_max_abs(ddp, sharded)
-    print(f"FSDP2 vs DDP after {STEPS} steps: max |Δ| {diff:.3g} at {where}")
-    assert diff <= TOL, f"FSDP2 vs DDP: max |Δ| {diff:.3g} at {where} (> {TOL})"
+    diff, where = tensor_max_abs(ddp, other)
+    print(f"{what} vs DDP after {STEPS} steps: max |Δ| {diff:.3g} at {where}")
+    assert diff <= TOL, f"{what} vs DDP: max |Δ| {diff:.3g} at {where} (> {TOL})"
+
+
+def test_fsdp2_matches_ddp(runs):
+    fsdp = runs["fsdp"]
+    ok(fsdp["resumed"])
+    assert {m["fsdp2"] for m in rank_meta(runs["root"] / "fsdp", "fsdp-resumed")} == {"True"}
+    check_matches_ddp(runs, runs["root"] / "fsdp", "FSDP2")
 
 
 def dcp_state(folder: Path, tmp: Path) -> dict:
@@ -168,28 +181,32 @@ def dcp_state(folder: Path, tmp: Path) -> dict:
     return torch.load(target, weights_only=False)
 
 
-def test_fsdp2_kill_and_resume_is_bit_identical(runs, tmp_path):
-    killed, resumed = runs["killed"], runs["resumed"]
+def check_kill_and_resume(runs, name: str, expected: set[str]) -> tuple[Path, Path]:
+    """The resumed run's checkpoint-4 equals the uninterrupted one file by file (pickles and safetensors by value;
+    safetensors orders empty tensors arbitrarily, so those are compared by name); returns both folders."""
+    killed, resumed = runs[name]["killed"], runs[name]["resumed"]
     assert killed.returncode != 0, "the run was not killed"
     # killed while checkpoint-4 was written: only the hidden temporary folder has it, latest is checkpoint-2
-    assert runs["after_kill"] == [f".tmp-checkpoint-{STEPS}", f"checkpoint-{EVERY}"], runs["after_kill"]
+    after_kill = runs[name]["after_kill"]
+    assert after_kill == [f".tmp-checkpoint-{STEPS}", f"checkpoint-{EVERY}"], (after_kill, killed.stderr[-3000:])
     ok(resumed)
-    assert (
-        f"resumed from {runs['root'] / 'fsdp' / 'checkpoints' / f'checkpoint-{EVERY}'} at step {EVERY}"
-        in resumed.stdout
-    )
-    checkpoints = runs["root"] / "fsdp" / "checkpoints"
+    checkpoints = runs["root"] / name / "checkpoints"
+    assert f"resumed from {checkpoints / f'checkpoint-{EVERY}'} at step {EVERY}" in resumed.stdout
     assert sorted(p.name for p in checkpoints.iterdir()) == [f"checkpoint-{EVERY}", f"checkpoint-{STEPS}"]
-    a, b = runs["root"] / "uninterrupted" / f"checkpoint-{STEPS}", checkpoints / f"checkpoint-{STEPS}"
-    files = {p.name for p in b.iterdir()}
-    assert {"pytorch_model_fsdp_0", "optimizer_0", "ema_shard_0.safetensors", "ema_shard_1.safetensors",
-            "random_states_0.pkl", "random_states_1.pkl", "custom_checkpoint_0.pkl"} <= files  # fmt: skip
+    a, b = runs["root"] / f"{name}-uninterrupted", checkpoints / f"checkpoint-{STEPS}"
+    assert expected <= {p.name for p in b.iterdir()}, sorted(p.name for p in b.iterdir())
     found = [d for d in folder_differences(a, b) if not d.startswith("ema_shard_")]
     assert not found, found
-    for r in range(PROCESSES):  # safetensors orders empty tensors arbitrarily: compare by name
-        shards = [load_any(x / f"ema_shard_{r}.safetensors") for x in (a, b)]
-        found = differences(*(dict(sorted(x.items())) for x in shards), f"ema_shard_{r}")
-        assert not found, found
+    for shard in sorted(b.glob("ema_shard_*.safetensors")):
+        pair = [dict(sorted(load_any(x / shard.name).items())) for x in (a, b)]
+        assert not differences(*pair, shard.name), differences(*pair, shard.name)
+    return a, b
+
+
+def test_fsdp2_kill_and_resume_is_bit_identical(runs, tmp_path):
+    expected = {"pytorch_model_fsdp_0", "optimizer_0", "ema_shard_0.safetensors", "ema_shard_1.safetensors",
+                "random_states_0.pkl", "random_states_1.pkl", "custom_checkpoint_0.pkl"}  # fmt: skip
+    a, b = check_kill_and_resume(runs, "fsdp", expected)
     for part in ("pytorch_model_fsdp_0", "optimizer_0"):
         found = differences(dcp_state(a / part, tmp_path / "a"), dcp_state(b / part, tmp_path / "b"), part)
         assert not found, found[:5]
@@ -210,13 +227,13 @@ def test_sharded_save_equals_an_unsharded_one_bit_for_bit(runs, tmp_path):
     from ldm_compat.training.ema import LitEmaModel
     from ldm_compat.training.objective import DDPMObjective
 
-    ok(runs["resumed"])
+    ok(runs["fsdp"]["resumed"])
     fsdp = runs["root"] / "fsdp"
-    ranks = [load_any(fsdp / "ranks" / f"resumed-rank{r}.safetensors") for r in range(PROCESSES)]
+    ranks = [load_any(fsdp / "ranks" / f"fsdp-resumed-rank{r}.safetensors") for r in range(PROCESSES)]
     # the output convolution (1 channel) is split unevenly: 1 row on process 0, none on process 1
     assert [r["unet.out.2.weight"].shape[0] for r in ranks] == [1, 0]
     assert [r["ema.out.2.bias"].shape[0] for r in ranks] == [1, 0]
-    full = assemble(fsdp, "resumed")
+    full = assemble(fsdp, "fsdp-resumed")
     config = load_ldm_config(runs["config"], OVERRIDES)
     params = config.model.params
     unet = LDMUNetModel.from_ldm_config(params.unet_config)
@@ -243,7 +260,7 @@ def test_sharded_save_equals_an_unsharded_one_bit_for_bit(runs, tmp_path):
 def test_fsdp2_checkpoint_keeps_the_layout_on_disk(runs):
     """What a sharded checkpoint holds: Accelerate's DCP folders, one EMA shard file and one RNG file per process,
     the EMA scalars (no shadows) in the custom state."""
-    ok(runs["resumed"])
+    ok(runs["fsdp"]["resumed"])
     checkpoint = runs["root"] / "fsdp" / "checkpoints" / f"checkpoint-{STEPS}"
     ema_state = load_any(checkpoint / "custom_checkpoint_0.pkl")
     assert ema_state["sharded"] is True and "shadow_params" not in ema_state
@@ -252,3 +269,33 @@ def test_fsdp2_checkpoint_keeps_the_layout_on_disk(runs):
     assert shards[0].keys() == shards[1].keys() and len(shards[0]) > 50
     assert shards[0]["out.2.weight"].shape[0] == 1 and shards[1]["out.2.weight"].shape[0] == 0
     assert not [p for p in checkpoint.parent.iterdir() if p.name.startswith(".")]
+
+
+@pytest.fixture(scope="module")
+def deepspeed_runs(runs):
+    """DeepSpeed ZeRO-2 (configs/accelerate/deepspeed_zero2.yaml), killed in the save of checkpoint-4 and resumed;
+    only where DeepSpeed is installed (not a dependency). On the CPU: no ACCELERATE_USE_CPU (Accelerate would then
+    ignore DeepSpeed), DeepSpeed's CPU accelerator with gloo."""
+    pytest.importorskip("deepspeed")
+    launcher = ["--config_file", str(ROOT / "configs" / "accelerate" / "deepspeed_zero2.yaml"),
+                "--num_processes", str(PROCESSES)]  # fmt: skip
+    runs["deepspeed"] = kill_in_save_then_resume(
+        launcher, runs["config"], runs["root"], "deepspeed", ACCELERATE_USE_CPU=None, DS_ACCELERATOR="cpu"
+    )
+    return runs
+
+
+def test_deepspeed_zero2_trains_like_ddp_with_the_ema_and_resumes_bit_identically(deepspeed_runs):
+    runs = deepspeed_runs
+    check_kill_and_resume(runs, "deepspeed", {"pytorch_model", "custom_checkpoint_0.pkl", "random_states_1.pkl"})
+    folder = runs["root"] / "deepspeed"
+    meta = rank_meta(folder, "deepspeed-resumed")
+    assert {m["distributed_type"] for m in meta} == {"DistributedType.DEEPSPEED"}
+    assert {m["ema_num_updates"] for m in meta} == {str(STEPS)}
+    # weights replicated under ZeRO-2: every process holds the same full weights and the same EMA
+    ranks = [load_any(folder / "ranks" / f"deepspeed-resumed-rank{r}.safetensors") for r in range(PROCESSES)]
+    assert not differences(ranks[0], ranks[1])
+    # the EMA in the checkpoint is the full LitEma state, as without DeepSpeed
+    ema_state = load_any(folder / "checkpoints" / f"checkpoint-{STEPS}" / "custom_checkpoint_0.pkl")
+    assert len(ema_state["shadow_params"]) == len([k for k in ranks[0] if k.startswith("ema.")])
+    check_matches_ddp(runs, folder, "DeepSpeed ZeRO-2")
