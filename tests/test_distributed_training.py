@@ -1,12 +1,13 @@
 """Training on Accelerate's engines beyond one process, on the CPU (gloo), with real ``accelerate launch`` runs.
 
-Runs (tiny config, 2 images per process, 4 steps, checkpoints every 2, logged samples at step 4):
+Runs (tiny config, 2 images per process, 4 steps, checkpoints every 2, validation with and without the EMA at step 3
+(whose best loss also saves checkpoint-3), logged samples at step 4):
 - ``ddp1``: one machine, two processes (DDP);
 - ``ddp2``: two "machines" of one process each on this machine (``--num_machines 2 --machine_rank 0|1``, two
   launchers; ``--num_processes`` is the total over all machines);
 - ``killed``: FSDP2 (``configs/accelerate/fsdp2.yaml``), every process SIGKILLed while checkpoint-4 is being written,
   after all its files are in the hidden temporary folder and before it is published: that folder is the
-  uninterrupted run's checkpoint-4 (kept aside here), ``latest`` is checkpoint-2;
+  uninterrupted run's checkpoint-4 (kept aside here), ``latest`` is checkpoint-3;
 - ``resumed``: the same command again (``--resume_from_checkpoint latest``), to the end.
 
 Checked: ``ddp2`` equals ``ddp1`` bit for bit (every checkpoint file, RNG states included, the pipeline folder, the
@@ -36,8 +37,10 @@ from safetensors import safe_open
 ROOT = Path(__file__).resolve().parents[1]
 HELPER = ROOT / "tests" / "helpers" / "dist_train.py"
 PER_PROCESS, PROCESSES, STEPS, EVERY = 2, 2, 4, 2
+VALIDATE = 3  # validation (training weights, then the EMA's) at step 3; its best val/loss saves checkpoint-3
 OVERRIDES = [f"data.params.batch_size={PER_PROCESS}", f"lightning.trainer.max_steps={STEPS}",
-             f"lightning.callbacks.image_logger.params.batch_frequency={STEPS}"]  # fmt: skip
+             f"lightning.callbacks.image_logger.params.batch_frequency={STEPS}", "data.params.validation={}",
+             f"lightning.trainer.val_check_interval={VALIDATE}"]  # fmt: skip
 # base_learning_rate 1e-5 as in test_reliability_multiprocess: FSDP2 and DDP reduce the gradients in different
 # collectives, and AdamW turns rounding in near-zero gradients into steps of up to the learning rate
 CONFIG = tiny_config(**{"model.base_learning_rate": 1.0e-5})
@@ -140,7 +143,8 @@ def test_two_machines_equal_one_machine_bit_for_bit(runs):
     assert [m["local_rank"] for m in rank_meta(two, "ddp2")] == ["0", "0"]
     assert [m["local_rank"] for m in rank_meta(one, "ddp1")] == ["0", "1"]
     assert {m["num_processes"] for m in rank_meta(two, "ddp2")} == {str(PROCESSES)}
-    for step in (EVERY, STEPS):
+    assert (one / "checkpoints/best.json").read_text() == (two / "checkpoints/best.json").read_text()
+    for step in (EVERY, VALIDATE, STEPS):
         name = f"checkpoints/checkpoint-{step}"
         assert not folder_differences(one / name, two / name), folder_differences(one / name, two / name)
     assert not folder_differences(one / "pipeline", two / "pipeline")
@@ -186,13 +190,15 @@ def check_kill_and_resume(runs, name: str, expected: set[str]) -> tuple[Path, Pa
     safetensors orders empty tensors arbitrarily, so those are compared by name); returns both folders."""
     killed, resumed = runs[name]["killed"], runs[name]["resumed"]
     assert killed.returncode != 0, "the run was not killed"
-    # killed while checkpoint-4 was written: only the hidden temporary folder has it, latest is checkpoint-2
+    # killed while checkpoint-4 was written: only the hidden temporary folder has it, latest is checkpoint-3 (the
+    # best validation loss so far)
+    saved = [f"checkpoint-{EVERY}", f"checkpoint-{VALIDATE}"]
     after_kill = runs[name]["after_kill"]
-    assert after_kill == [f".tmp-checkpoint-{STEPS}", f"checkpoint-{EVERY}"], (after_kill, killed.stderr[-3000:])
+    assert after_kill == [f".tmp-checkpoint-{STEPS}", "best.json", *saved], (after_kill, killed.stderr[-3000:])
     ok(resumed)
     checkpoints = runs["root"] / name / "checkpoints"
-    assert f"resumed from {checkpoints / f'checkpoint-{EVERY}'} at step {EVERY}" in resumed.stdout
-    assert sorted(p.name for p in checkpoints.iterdir()) == [f"checkpoint-{EVERY}", f"checkpoint-{STEPS}"]
+    assert f"resumed from {checkpoints / f'checkpoint-{VALIDATE}'} at step {VALIDATE}" in resumed.stdout
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best.json", *saved, f"checkpoint-{STEPS}"]
     a, b = runs["root"] / f"{name}-uninterrupted", checkpoints / f"checkpoint-{STEPS}"
     assert expected <= {p.name for p in b.iterdir()}, sorted(p.name for p in b.iterdir())
     found = [d for d in folder_differences(a, b) if not d.startswith("ema_shard_")]

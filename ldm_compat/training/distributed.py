@@ -14,7 +14,6 @@ DeepSpeed ZeRO-2) and what it must not leave to them.
 
 from __future__ import annotations
 
-import logging
 import os
 import uuid
 from pathlib import Path
@@ -29,8 +28,6 @@ from ldm_compat.training.ema_sharded import (
     save_shards,
     shard_like,
 )
-
-logger = logging.getLogger(__name__)
 
 
 def _env_flag(name: str) -> bool:
