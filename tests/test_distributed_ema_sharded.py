@@ -14,7 +14,6 @@ import os
 import socket
 import traceback
 
-import pytest
 import torch
 import torch.multiprocessing as mp
 from torch import nn
@@ -122,9 +121,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def shard_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("ema_shards")
+def run_workers(folder) -> None:
     # fork: the children inherit the imported torch/diffusers (a spawned child spends seconds importing them)
     ctx = mp.get_context("fork")
     errors = ctx.SimpleQueue()
@@ -142,21 +139,19 @@ def shard_folder(tmp_path_factory):
         messages.append(errors.get())
     assert not messages, "\n".join(messages)
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-    return folder
 
 
-def test_shard_local_ema_matches_an_unsharded_one_bit_for_bit(shard_folder):
-    assert sorted(p.name for p in shard_folder.iterdir()) == ["ema_shard_0.safetensors", "ema_shard_1.safetensors"]
-
-
-def test_shards_load_into_an_unsharded_ema(shard_folder):
-    """Another layout (one process, full shadows) reads the two processes' shards: the uneven pieces tile dim 0."""
+def test_shard_local_ema_matches_an_unsharded_one_bit_for_bit(tmp_path):
+    """Everything in ``worker`` on both processes; then another layout (one process, full shadows) reads the two
+    processes' shard files: the uneven pieces tile dim 0 and give the unsharded EMA's values."""
+    run_workers(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ema_shard_0.safetensors", "ema_shard_1.safetensors"]
     reference = make_model()
     ref_ema = LitEmaModel(reference, decay=0.9)
     for step in range(STEPS):
         perturb(reference, step)
         ref_ema.step(reference)
     ema = LitEmaModel(make_model(), decay=0.9)
-    load_shards(ema, shard_folder)
+    load_shards(ema, tmp_path)
     for name, a, b in zip(ema._names, ema.shadow_params, ref_ema.shadow_params):
         assert a.shape == b.shape and torch.equal(a, b), name

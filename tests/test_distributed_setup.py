@@ -14,7 +14,9 @@ def fake_accelerator(distributed_type, *, fsdp_version=2, zero_stage=2, ds_confi
     state = SimpleNamespace(
         distributed_type=distributed_type,
         fsdp_plugin=SimpleNamespace(fsdp_version=fsdp_version),
-        deepspeed_plugin=SimpleNamespace(zero_stage=zero_stage, deepspeed_config={} if ds_config is None else ds_config),
+        deepspeed_plugin=SimpleNamespace(
+            zero_stage=zero_stage, deepspeed_config={} if ds_config is None else ds_config
+        ),
     )
     return SimpleNamespace(state=state, num_processes=processes, mixed_precision="no", print=print)
 

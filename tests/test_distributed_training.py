@@ -20,6 +20,7 @@ process 0, process 1 holds an empty shard of it).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -101,9 +102,49 @@ def run_two_machines(config: Path, out: Path, name: str) -> list[subprocess.Comp
     return communicate([start(launcher, config, out, name) for launcher in launchers])
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("distributed")
+def _encode(value):
+    if isinstance(value, subprocess.CompletedProcess):
+        return {"__run__": [value.returncode, value.stdout, value.stderr]}
+    if isinstance(value, Path):
+        return {"__path__": str(value)}
+    if isinstance(value, dict):
+        return {k: _encode(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_encode(v) for v in value]
+    return value
+
+
+def _decode(value):
+    if isinstance(value, dict):
+        if "__run__" in value:
+            return subprocess.CompletedProcess([], *value["__run__"])
+        if "__path__" in value:
+            return Path(value["__path__"])
+        return {k: _decode(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    return value
+
+
+def once(tmp_path_factory, name: str, compute) -> dict:
+    """``compute(folder)`` once per test session, also under pytest-xdist, where each worker would otherwise build
+    the module fixture again (the launches are the expensive part): the first worker computes, the others wait for
+    it and read its results."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return compute(tmp_path_factory.mktemp(name))
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent  # this session's folder, common to its workers
+    done = shared / f"{name}.json"
+    with FileLock(str(shared / f"{name}.lock")):
+        if not done.exists():
+            folder = shared / name
+            folder.mkdir()
+            done.write_text(json.dumps(_encode(compute(folder))))
+    return _decode(json.loads(done.read_text()))
+
+
+def _runs(root: Path) -> dict:
     config = write_config(root / "tiny.yaml", CONFIG)
     fsdp = ["--config_file", str(ROOT / "configs" / "accelerate" / "fsdp2.yaml"), "--num_processes", str(PROCESSES)]
     out = {"root": root, "config": config}
@@ -112,6 +153,11 @@ def runs(tmp_path_factory):
     out["ddp2"] = run_two_machines(config, root / "ddp2", "ddp2")
     out["fsdp"] = kill_in_save_then_resume(fsdp, config, root, "fsdp")
     return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return once(tmp_path_factory, "distributed", _runs)
 
 
 def kill_in_save_then_resume(launcher: list[str], config: Path, root: Path, name: str, **extra) -> dict:
@@ -123,6 +169,7 @@ def kill_in_save_then_resume(launcher: list[str], config: Path, root: Path, name
     if (checkpoints / f".tmp-checkpoint-{STEPS}").is_dir():  # the next save removes it
         shutil.copytree(checkpoints / f".tmp-checkpoint-{STEPS}", root / f"{name}-uninterrupted")
     out["resumed"] = run(launcher, config, root / name, f"{name}-resumed", **extra)
+    out["root"] = root
     return out
 
 
@@ -196,10 +243,11 @@ def check_kill_and_resume(runs, name: str, expected: set[str]) -> tuple[Path, Pa
     after_kill = runs[name]["after_kill"]
     assert after_kill == [f".tmp-checkpoint-{STEPS}", "best.json", *saved], (after_kill, killed.stderr[-3000:])
     ok(resumed)
-    checkpoints = runs["root"] / name / "checkpoints"
+    root = runs[name]["root"]
+    checkpoints = root / name / "checkpoints"
     assert f"resumed from {checkpoints / f'checkpoint-{VALIDATE}'} at step {VALIDATE}" in resumed.stdout
     assert sorted(p.name for p in checkpoints.iterdir()) == ["best.json", *saved, f"checkpoint-{STEPS}"]
-    a, b = runs["root"] / f"{name}-uninterrupted", checkpoints / f"checkpoint-{STEPS}"
+    a, b = root / f"{name}-uninterrupted", checkpoints / f"checkpoint-{STEPS}"
     assert expected <= {p.name for p in b.iterdir()}, sorted(p.name for p in b.iterdir())
     found = [d for d in folder_differences(a, b) if not d.startswith("ema_shard_")]
     assert not found, found
@@ -278,23 +326,26 @@ def test_fsdp2_checkpoint_keeps_the_layout_on_disk(runs):
 
 
 @pytest.fixture(scope="module")
-def deepspeed_runs(runs):
+def deepspeed_runs(runs, tmp_path_factory):
     """DeepSpeed ZeRO-2 (configs/accelerate/deepspeed_zero2.yaml), killed in the save of checkpoint-4 and resumed;
     only where DeepSpeed is installed (not a dependency). On the CPU: no ACCELERATE_USE_CPU (Accelerate would then
     ignore DeepSpeed), DeepSpeed's CPU accelerator with gloo."""
     pytest.importorskip("deepspeed")
     launcher = ["--config_file", str(ROOT / "configs" / "accelerate" / "deepspeed_zero2.yaml"),
                 "--num_processes", str(PROCESSES)]  # fmt: skip
-    runs["deepspeed"] = kill_in_save_then_resume(
-        launcher, runs["config"], runs["root"], "deepspeed", ACCELERATE_USE_CPU=None, DS_ACCELERATOR="cpu"
-    )
-    return runs
+
+    def compute(root: Path) -> dict:
+        return kill_in_save_then_resume(launcher, runs["config"], root, "deepspeed", ACCELERATE_USE_CPU=None,
+                                        DS_ACCELERATOR="cpu")  # fmt: skip
+
+    deepspeed = once(tmp_path_factory, "deepspeed", compute)
+    return {**runs, "deepspeed": deepspeed}
 
 
 def test_deepspeed_zero2_trains_like_ddp_with_the_ema_and_resumes_bit_identically(deepspeed_runs):
     runs = deepspeed_runs
     check_kill_and_resume(runs, "deepspeed", {"pytorch_model", "custom_checkpoint_0.pkl", "random_states_1.pkl"})
-    folder = runs["root"] / "deepspeed"
+    folder = runs["deepspeed"]["root"] / "deepspeed"
     meta = rank_meta(folder, "deepspeed-resumed")
     assert {m["distributed_type"] for m in meta} == {"DistributedType.DEEPSPEED"}
     assert {m["ema_num_updates"] for m in meta} == {str(STEPS)}
