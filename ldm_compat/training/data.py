@@ -126,10 +126,9 @@ class ImageDataset(Dataset):
         self.caption_column = _pick_column(columns, caption_column, CAPTION_COLUMNS, "caption_column", where)
         self.hf = _readable(hf, self.image_column)
         # labels/captions (and small array images, e.g. the digits) are read once: per-row Arrow access is slow
-        self._columns = {
-            # list(): datasets ≥ 4 returns a lazy Column whose every [row] is an Arrow read
-            c: list(self.hf.with_format(None)[c]) for c in (self.label_column, self.caption_column) if c is not None
-        }
+        # list(): datasets ≥ 4 returns a lazy Column whose every [row] is an Arrow read
+        columns = (c for c in (self.label_column, self.caption_column) if c is not None)
+        self._columns = {c: list(self.hf.with_format(None)[c]) for c in columns}
         self._images = _in_memory_images(self.hf, self.image_column)
         self.image_key, self.image_size, self.interpolation = image_key, image_size, interpolation
         self.flip_p, self.mode, self.value_range = float(flip_p), mode, tuple(float(v) for v in value_range)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import uuid
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ldm_compat.training import distributed
 from ldm_compat.training.checkpoints import resolve_checkpoint, write_checkpoint
 from ldm_compat.training.settings import TrainSettings
 
@@ -109,6 +111,11 @@ class Trainer:
             project_config=ProjectConfiguration(
                 project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")
             ),
+            **distributed.accelerator_kwargs(),
+        )
+        s = self.settings  # FSDP2 on the CPU, refusals, DeepSpeed's accumulation and clipping, a shared output folder
+        distributed.check_distributed_setup(
+            self.accelerator, self.output_dir, s.accumulate_grad_batches, s.gradient_clip_val
         )
         set_seed(options.seed)
         self.state = RunState()
@@ -125,7 +132,7 @@ class Trainer:
             folder = folder.parent
         try:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            probe = self.output_dir / ".write_test"
+            probe = self.output_dir / f".write_test-{uuid.uuid4().hex}"  # one per process: they may share the folder
             probe.write_text("ok")
             probe.unlink()
         except OSError as err:
@@ -228,7 +235,8 @@ class Trainer:
             self.val_loader = self.accelerator.prepare(self.val_loader)
         if self.ema is not None:
             self.ema.to(self.accelerator.device)
-            self.accelerator.register_for_checkpointing(self.ema)
+            ema_state = distributed.ema_checkpoint_object(self.accelerator, self.ema, self.module)  # FSDP2: sharded
+            self.accelerator.register_for_checkpointing(ema_state)
         if self.latent is not None:
             self.accelerator.register_for_checkpointing(self.latent)
         self.accelerator.register_for_checkpointing(self.state)
@@ -292,7 +300,7 @@ class Trainer:
         if path is None:
             self.accelerator.print(f"--resume_from_checkpoint {spec}: no checkpoint yet, starting a new run")
             return
-        self.accelerator.load_state(str(path))
+        distributed.load_state(self.accelerator, self.ema, str(path))
         self.accelerator.print(f"resumed from {path} at step {self.state.global_step}")
 
     def fit(self) -> dict:
@@ -431,7 +439,7 @@ class Trainer:
         acc = self.accelerator
         # every process saves (its RNG state is its own); the main one publishes the folder
         return write_checkpoint(
-            self.output_dir / "checkpoints", self.state.global_step, acc.save_state,
+            self.output_dir / "checkpoints", self.state.global_step, lambda d: distributed.save_state(acc, self.ema, d),
             self.options.checkpoints_total_limit, is_main=acc.is_main_process, barrier=acc.wait_for_everyone,
         )  # fmt: skip
 
@@ -495,7 +503,7 @@ class Trainer:
         from ldm_compat.training.image_logging import log_images, write_image_log
 
         acc = self.accelerator
-        if not acc.is_main_process:
+        if not acc.is_main_process and not acc.is_fsdp2:  # FSDP2: every process joins the sampling forward passes
             return []
         module = acc.unwrap_model(self.module)
         module.eval()
@@ -527,6 +535,8 @@ class Trainer:
         if self.latent is not None:
             log = finish_latent_log(self.latent, log, batch, x)
         module.train()
+        if not acc.is_main_process:
+            return []
         tracker = None
         try:
             tracker = acc.get_tracker("tensorboard")
@@ -543,11 +553,11 @@ class Trainer:
 
         acc = self.accelerator
         outputs: dict[str, str] = {}
+        unet, objective, ema = distributed.unsharded_components(acc, self.module, self.ema)  # FSDP2: gathered once
         if acc.is_main_process:
-            unet = acc.unwrap_model(self.module).unet
             folder = self.output_dir / "pipeline"
             write_training_folder(
-                folder, unet=unet, scheduler=self.scheduler, objective=self.objective, ema=self.ema,
+                folder, unet=unet, scheduler=self.scheduler, objective=objective, ema=ema,
                 config=self.config, global_step=self.state.global_step, epoch=self.state.epoch, overwrite=True,
                 extras=self.latent.original_state_dict() if self.latent is not None else None,
                 search_dirs=self.latent.search_dirs if self.latent is not None else (),
