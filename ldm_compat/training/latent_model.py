@@ -11,8 +11,9 @@ for the outputs. ``LatentTrainModule`` is what Accelerate wraps: UNet + objectiv
 
 Random draws happen where the original makes them, from the same generators: the posterior noise
 (``torch.randn(mean.shape)`` on the CPU) in ``get_input``, then ``t``, then (inside the module) whatever a trainable
-cond stage draws, the ``num_timesteps_cond`` noise, and the loss noise. ``draw`` callables let the trainer hand every
-process its slice of one draw for the global batch (see ``global_randn``).
+cond stage draws, the ``num_timesteps_cond`` noise, and the loss noise. ``draws`` (``latent_stages.ProcessDraws``)
+hands every process its slice of one draw for the global batch; a ``draw`` argument overrides it (validation and
+image logging use their own generators).
 """
 
 from __future__ import annotations
@@ -36,6 +37,14 @@ from ldm_compat.training.latent_objective import (
     settle_conditioning_key,
     std_scale_factor,
 )
+from ldm_compat.training.latent_stages import (
+    ProcessDraws,
+    build_cond_stage,
+    build_first_stage,
+    module_tree_order,
+    read_original_state_dict,
+    update_first_stage,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -47,21 +56,12 @@ CACHED_MOMENTS, CACHED_COND, CACHED_COND_TEXT = "__first_stage__", "__cond__", "
 # cond_stage_forward names that mean the cond stage's own forward: every original encoder's encode() calls forward
 _FORWARD_NAMES = (None, "encode", "forward", "__call__")
 
-Draw = Callable[[tuple[int, ...]], torch.Tensor]
+Draw = Callable[[tuple[int, ...]], torch.Tensor]  # shape → standard-normal noise
 
 
 def is_latent(params: Mapping) -> bool:
     """A ``model.params`` of a ``LatentDiffusion`` (it has a ``first_stage_config``)."""
     return params.get("first_stage_config") is not None
-
-
-def global_randn(shape, *, num_processes: int = 1, process_index: int = 0, generator=None, device=None, dtype=None):
-    """This process's slice of one standard-normal draw for the global batch (``num_processes × shape[0]`` rows):
-    every process draws the same, so N processes × b rows see what 1 process × N·b rows sees. With one process this
-    is ``torch.randn(shape)``."""
-    b = shape[0]
-    full = torch.randn((num_processes * b, *shape[1:]), generator=generator, device=device, dtype=dtype)
-    return full[process_index * b : (process_index + 1) * b]
 
 
 @dataclass(frozen=True)
@@ -110,74 +110,6 @@ class LatentOptions:
         return max(len(ddconfig.get("ch_mult") or (1,)) - 1, 0)
 
 
-def module_tree_order(keys) -> list[str]:
-    """``keys`` in the order ``nn.Module.state_dict`` writes a module tree: at every module its own tensors first,
-    then each child's subtree, children in order of first appearance. An order that already is a state dict's is
-    unchanged; a key appended at the end (a buffer kept aside) goes back to its module."""
-    tree: dict = {}
-    for key in keys:
-        node = tree
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"{key}: a tensor and a module share the name {part!r}")
-        node[leaf] = key
-
-    def walk(node: dict) -> list[str]:
-        own = [v for v in node.values() if isinstance(v, str)]
-        return own + [k for v in node.values() if isinstance(v, dict) for k in walk(v)]
-
-    return walk(tree)
-
-
-def _build_first_stage(config: Mapping, scale_factor: float, scale_by_std: bool, source: str):
-    """The first stage as the original ``instantiate_first_stage`` gets it: random weights, or its own ``ckpt_path``
-    (``AutoencoderKL``/``VQModel`` load ``ckpt_path`` with ``strict=False``, after ``ignore_keys``)."""
-    from ldm_compat.models.first_stage import FirstStage, build_model, parse_first_stage_config
-
-    spec = parse_first_stage_config(config, f"{source}: model.params.first_stage_config")
-    first_stage = FirstStage(build_model(spec, scale_factor).eval(), spec, scale_factor, scale_by_std)
-    own = spec.params.get("ckpt_path")
-    if own:
-        from ldm_compat.convert.checkpoint_io import load_checkpoint, state_dict_of
-
-        state = state_dict_of(load_checkpoint(own), own)
-        ignore = tuple(spec.params.get("ignore_keys") or ())
-        state = {k: v for k, v in state.items() if not (ignore and k.startswith(ignore))}
-        first_stage, unexpected = _update_first_stage(first_stage, config, state)
-        logger.info("first stage restored from %s (%d unexpected keys, e.g. the loss)", own, len(unexpected))
-    for parameter in first_stage.model.parameters():
-        parameter.requires_grad_(False)
-    return first_stage
-
-
-def _update_first_stage(first_stage, config: Mapping, tensors: Mapping[str, torch.Tensor]):
-    """``load_state_dict(tensors, strict=False)`` on the original first-stage layout: keys it has are replaced, the
-    rest is returned as unexpected."""
-    from ldm_compat.models.first_stage import load_first_stage, to_original_state_dict
-
-    model = first_stage.model
-    current = to_original_state_dict(model.state_dict(), model)
-    unexpected = [k for k in tensors if k not in current]
-    current.update({k: v for k, v in tensors.items() if k in current})
-    rebuilt, _ = load_first_stage(config, current, scale_factor=first_stage.scale_factor,
-                                  scale_by_std=first_stage.scale_by_std)  # fmt: skip
-    return rebuilt, unexpected
-
-
-def _build_cond_stage(config, state, search_dirs, source: str):
-    if config == UNCONDITIONAL:
-        return None
-    try:
-        from ldm_compat.models.cond_stage import build_cond_stage
-    except ImportError as err:  # pragma: no cover - only without the cond-stage package
-        raise ConfigError(
-            f"{source}: model.params.cond_stage_config needs ldm_compat.models.cond_stage ({err})"
-        ) from None
-    return build_cond_stage(config, state, search_dirs=list(search_dirs))
-
-
 class LatentModel:
     """First stage, cond stage and ``scale_factor`` of a ``LatentDiffusion`` run (see the module docstring).
 
@@ -191,6 +123,7 @@ class LatentModel:
         self.cond_stage = cond_stage
         self.search_dirs = list(search_dirs)
         self.source = source
+        self.draws = ProcessDraws()  # one process; build_latent_model binds the run's processes
         self.restarted_from_ckpt = False
         self.std_rescaled = False
         self.stage_key_order: list[str] = []  # first/cond-stage keys in a loaded checkpoint's (the original's) order
@@ -209,8 +142,8 @@ class LatentModel:
                 "get_input and the conditioning)"
             )
         options = LatentOptions.from_params(params, source)
-        first_stage = _build_first_stage(options.first_stage_config, options.scale_factor, options.scale_by_std, source)
-        cond_stage = _build_cond_stage(options.cond_stage_config, None, search_dirs, source)
+        first_stage = build_first_stage(options.first_stage_config, options.scale_factor, options.scale_by_std, source)
+        cond_stage = build_cond_stage(options.cond_stage_config, None, search_dirs, source)
         return cls(options, first_stage, cond_stage, search_dirs=search_dirs, source=source)
 
     def _share_first_stage(self) -> None:
@@ -262,12 +195,12 @@ class LatentModel:
 
     @torch.no_grad()
     def get_first_stage_encoding(self, posterior, draw: Draw | None = None) -> torch.Tensor:
-        """``scale_factor * z``; a KL ``z`` is ``mean + std * eps`` with ``eps = draw(mean.shape)`` (default the
-        original's ``torch.randn(mean.shape)`` on the CPU), moved to the posterior's device."""
+        """``scale_factor * z``; a KL ``z`` is ``mean + std * eps`` with ``eps = draw(mean.shape)`` (default this
+        process's share of the original's ``torch.randn(mean.shape)`` on the CPU), moved to the posterior's device."""
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
         if isinstance(posterior, DiagonalGaussianDistribution):
-            eps = (draw or torch.randn)(tuple(posterior.mean.shape))
+            eps = (draw or self.draws.cpu)(tuple(posterior.mean.shape))
             posterior = posterior.mean + posterior.std * eps.to(posterior.mean.device)
         return self.first_stage.get_first_stage_encoding(posterior)
 
@@ -371,6 +304,24 @@ class LatentModel:
         self.set_scale_factor(value)
         return value
 
+    def on_train_batch_start(self, batch, state, accelerator) -> None:
+        """The original's ``on_train_batch_start``: on the very first batch process 0 sets ``scale_factor`` from its
+        encodings; every process draws the same posterior noise (so their random streams stay together) and takes
+        process 0's value (the original's buffer reached the other processes through DDP)."""
+        if not self.needs_std_rescaling(state.global_step, state.epoch, state.batch_in_epoch):
+            return
+        value = self.rescale_by_std(batch).to(accelerator.device)
+        if accelerator.num_processes > 1:
+            from accelerate.utils import broadcast
+
+            value = broadcast(value.reshape(1), from_process=0)
+        self.set_scale_factor(value.cpu())
+        accelerator.print(f"scale_by_std: scale_factor set to {self.scale_factor!r}")
+
+    def validation_inputs(self, batch, generator: torch.Generator):
+        """``(z, c)`` with the posterior noise from ``generator``, so that validating never changes the run."""
+        return self.get_input(batch, lambda shape: torch.randn(shape, generator=generator)), self.conditioning(batch)
+
     def set_scale_factor(self, value) -> None:
         """``value``: the float32 buffer (``scale_by_std``); kept exactly (float32 → float → float32 is lossless)."""
         self.first_stage.scale_factor = float(torch.as_tensor(value, dtype=torch.float32).item())
@@ -401,7 +352,7 @@ class LatentModel:
         loaded, unexpected = [], []
         self.stage_key_order = [k for k in state_dict if k.startswith((FIRST_STAGE_PREFIX, COND_STAGE_PREFIX))]
         if first:
-            self.first_stage, extra = _update_first_stage(self.first_stage, self.options.first_stage_config, first)
+            self.first_stage, extra = update_first_stage(self.first_stage, self.options.first_stage_config, first)
             self.first_stage.model.requires_grad_(False)
             self._share_first_stage()
             unexpected += [FIRST_STAGE_PREFIX + k for k in extra]
@@ -413,7 +364,7 @@ class LatentModel:
                 current = self.cond_stage.original_state_dict()
                 extra = [k for k in cond if k not in current]
                 current.update({k: v for k, v in cond.items() if k in current})
-                self.cond_stage = _build_cond_stage(self.options.cond_stage_config, current, self.search_dirs,
+                self.cond_stage = build_cond_stage(self.options.cond_stage_config, current, self.search_dirs,
                                                     self.source)  # fmt: skip
                 for module in self.cond_stage.modules().values():
                     module.train(self.options.cond_stage_trainable)
@@ -471,8 +422,8 @@ class LatentModel:
                    **{k: out[k] for k in self.stage_key_order}}  # fmt: skip
         return out
 
-    def train_module(self, unet, objective, draw: Draw | None = None) -> LatentTrainModule:
-        return LatentTrainModule(unet, objective, self, draw=draw)
+    def train_module(self, unet, objective) -> LatentTrainModule:
+        return LatentTrainModule(unet, objective, self)
 
 
 def build_latent_model(config: Mapping, params: Mapping, source: str, accelerator) -> LatentModel:
@@ -484,6 +435,7 @@ def build_latent_model(config: Mapping, params: Mapping, source: str, accelerato
     search_dirs.append(Path.cwd())
     target = (to_plain(config).get("model") or {}).get("target")
     latent = LatentModel.from_params(params, target=target, search_dirs=search_dirs, source=source)
+    latent.draws = ProcessDraws(accelerator.num_processes, accelerator.process_index)
     accelerator.print(count_params(latent.first_stage.model, type(latent.first_stage.model).__name__))
     if latent.cond_stage is not None:
         for name, module in latent.cond_stage.modules().items():
@@ -491,26 +443,13 @@ def build_latent_model(config: Mapping, params: Mapping, source: str, accelerato
     return latent.to(accelerator.device)
 
 
-def read_original_state_dict(path) -> dict[str, torch.Tensor]:
-    """The original state dict of an original checkpoint file or of a converted (or trained) folder."""
-    from ldm_compat.convert.checkpoint_io import load_checkpoint, state_dict_of
-
-    if Path(path).is_dir():
-        from ldm_compat.convert.export import read_original_state_dict as read_folder
-
-        return dict(read_folder(path)[0])
-    return state_dict_of(load_checkpoint(path), path)
-
-
 class LatentTrainModule(nn.Module):
     """``LatentDiffusion.forward`` after ``t`` is drawn, as one module for Accelerate/DDP: encodes a trainable cond
     stage's input, applies the ``num_timesteps_cond`` noise, draws the loss noise (unless given), then ``p_losses``.
-
-    ``draw(like)`` gives standard-normal noise shaped like ``like`` (the trainer's global-batch slice); without it,
-    ``torch.randn_like`` as the original.
+    Its draws are ``latent.draws.like`` (``randn_like``, this process's slice of the global batch's draw).
     """
 
-    def __init__(self, unet: nn.Module, objective: nn.Module, latent: LatentModel, draw=None):
+    def __init__(self, unet: nn.Module, objective: nn.Module, latent: LatentModel):
         super().__init__()
         self.unet = unet
         self.objective = objective
@@ -518,14 +457,13 @@ class LatentTrainModule(nn.Module):
         # registered only when trained, so DDP synchronises (and checkpoints hold) exactly the trained weights
         self.cond_stage_model = nn.ModuleDict(trainable) if trainable else None
         self.latent = latent  # not a Module: not registered
-        self.draw = draw
         if latent.cond_ids is not None:
             self.register_buffer("cond_ids", latent.cond_ids.clone(), persistent=False)
         else:
             self.cond_ids = None
 
     def _randn_like(self, like: torch.Tensor) -> torch.Tensor:
-        return self.draw(like) if self.draw is not None else torch.randn_like(like)
+        return self.latent.draws.like(like)
 
     def forward(self, x_start, t, noise=None, cond=None):
         if cond is not None and self.latent.options.cond_stage_trainable:
@@ -548,8 +486,5 @@ __all__ = [
     "LatentOptions",
     "LatentTrainModule",
     "build_latent_model",
-    "global_randn",
     "is_latent",
-    "module_tree_order",
-    "read_original_state_dict",
 ]

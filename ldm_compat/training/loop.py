@@ -179,7 +179,7 @@ class Trainer:
         if self.latent is None:
             self.module = DDPMTrainModule(self.unet, self.objective)
         else:
-            self.module = self.latent.train_module(self.unet, self.objective, draw=self._draw_like)
+            self.module = self.latent.train_module(self.unet, self.objective)
 
     def _build_data(self) -> None:
         from ldm_compat.training.data import build_dataloader, build_dataset
@@ -254,25 +254,10 @@ class Trainer:
     def get_input(self, batch):
         """The model's ``x_start``: the image as ``b c h w``; for LatentDiffusion its encoding ``z``."""
         if self.latent is not None:
-            return self.latent.get_input(batch, self._draw_cpu)
+            return self.latent.get_input(batch)
         from ldm_compat.training.data import get_input
 
         return get_input(batch, self.settings.first_stage_key).to(self.accelerator.device)
-
-    def _draw_cpu(self, shape):
-        """This process's slice of a CPU ``torch.randn`` for the global batch (the KL posterior noise)."""
-        from ldm_compat.training.latent_model import global_randn
-
-        acc = self.accelerator
-        return global_randn(shape, num_processes=acc.num_processes, process_index=acc.process_index)
-
-    def _draw_like(self, like):
-        """The same for noise shaped like ``like``, on its device (LatentTrainModule's draws)."""
-        from ldm_compat.training.latent_model import global_randn
-
-        acc = self.accelerator
-        return global_randn(like.shape, num_processes=acc.num_processes, process_index=acc.process_index,
-                            device=like.device, dtype=like.dtype)  # fmt: skip
 
     def get_cond_kwargs(self, batch) -> dict:
         """The batch's conditioning in the pipeline's (diffusers) names, on the device; ``{}`` if unconditional."""
@@ -344,7 +329,7 @@ class Trainer:
     def _train_batch(self, module, batch) -> dict | None:
         acc = self.accelerator
         if self.latent is not None:
-            self._on_train_batch_start(batch)
+            self.latent.on_train_batch_start(batch, self.state, acc)  # scale_by_std
         with acc.accumulate(module):
             if self.settings.params.get("ucg_training"):
                 from ldm_compat.training.ucg import apply_ucg
@@ -391,21 +376,6 @@ class Trainer:
             return t[rank * b : (rank + 1) * b], None
         noise = torch.randn((n * b, *x.shape[1:]), device=x.device, dtype=x.dtype)
         return t[rank * b : (rank + 1) * b], noise[rank * b : (rank + 1) * b]
-
-    def _on_train_batch_start(self, batch) -> None:
-        """``scale_by_std`` (the original's ``on_train_batch_start``): on the very first batch, process 0 sets
-        ``scale_factor = 1 / std`` of its encodings; every process draws the same posterior noise (so their random
-        streams stay together) and takes process 0's value."""
-        s = self.state
-        if not self.latent.needs_std_rescaling(s.global_step, s.epoch, s.batch_in_epoch):
-            return
-        value = self.latent.rescale_by_std(batch, self._draw_cpu).to(self.accelerator.device)
-        if self.accelerator.num_processes > 1:
-            from accelerate.utils import broadcast
-
-            value = broadcast(value.reshape(1), from_process=0)
-        self.latent.set_scale_factor(value.cpu())
-        self.accelerator.print(f"scale_by_std: scale_factor set to {self.latent.scale_factor!r}")
 
     def _non_finite(self, loss):
         step, value = self.state.global_step, loss.item()
@@ -455,7 +425,10 @@ class Trainer:
         for index, batch in enumerate(self.val_loader):
             if index >= self.options.validation_batches:
                 break
-            x, cond = self._validation_inputs(batch, generator)
+            if self.latent is None:
+                x, cond = self.get_input(batch), self.get_cond(batch)
+            else:  # the posterior noise from the validation generator: validating never changes the run
+                x, cond = self.latent.validation_inputs(batch, generator)
             t = torch.randint(0, self.objective.num_timesteps, (x.shape[0],), generator=generator).to(x.device)
             noise = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
             _, logs = module(x, t, noise, cond)
@@ -480,13 +453,6 @@ class Trainer:
                 best = {"monitor": monitor, "value": metrics[monitor], "checkpoint": path.name}
                 (self.output_dir / "checkpoints" / "best.json").write_text(json.dumps(best, indent=1))
         return metrics
-
-    def _validation_inputs(self, batch, generator):
-        if self.latent is None:
-            return self.get_input(batch), self.get_cond(batch)
-        # the posterior noise from the validation generator, so that validating never changes the training run
-        draw = lambda shape: torch.randn(shape, generator=generator)  # noqa: E731
-        return self.latent.get_input(batch, draw), self.latent.conditioning(batch)
 
     def sampling_pipeline(self):
         from ldm_compat.pipelines.pipeline_ldm_compat import LDMCompatPipeline
