@@ -224,7 +224,8 @@ class LatentModel:
 
     # ---------------------------------------------------------------------------------------------- cond stage
     def get_learned_conditioning(self, c):
-        """The original ``get_learned_conditioning``: the cond stage's forward (``cond_stage_forward`` names it)."""
+        """The original ``get_learned_conditioning``: the cond stage's forward (every ``cond_stage_forward`` accepted,
+        ``encode``/``forward``, is that forward in the original encoders)."""
         if self.cond_stage is None:
             raise ValueError(f"{self.source}: {UNCONDITIONAL}: there is no cond stage to encode with")
         return self.cond_stage.encode(c)
