@@ -107,5 +107,19 @@ class CheckpointMixin:
         # Only worth it (and only meaningful) when autograd records the graph.
         if self.gradient_checkpointing and torch.is_grad_enabled():
             func = self._gradient_checkpointing_func or default_checkpoint
-            return func(self._forward, *args)
+            return func(_Forward(self), *args)
         return self._forward(*args)
+
+
+class _Forward:
+    """``block._forward`` as a plain callable object. diffusers' ``enable_gradient_checkpointing()`` checkpoints
+    ``module.__call__``; for a bound method that is a C method-wrapper, which ``torch.compile`` cannot trace (a graph
+    break), while this object's ``__call__`` is Python."""
+
+    __slots__ = ("block",)
+
+    def __init__(self, block):
+        self.block = block
+
+    def __call__(self, *args):
+        return self.block._forward(*args)
