@@ -9,12 +9,17 @@ backward through AOTAutograd), which keeps the CPU time low; the numbers are com
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 import torch._dynamo
 import torch._dynamo.testing
+from helpers.tiny_config import tiny_config, write_config
 
-from ldm_compat import LDMUNetModel
+from ldm_compat import LDMCompatPipeline, LDMUNetModel
+from ldm_compat.training.loop import Trainer
 
 BASE = dict(image_size=8, model_channels=32, num_res_blocks=1, channel_mult=[1, 2], attention_resolutions=[2])
 CASES = {
@@ -95,3 +100,45 @@ def test_fullgraph_compile_has_one_graph_and_eager_values(name):
                 torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     assert counter.frame_count == 1, f"{counter.frame_count} graphs"
     assert counter.op_count > 50
+
+
+def test_train_py_compile_and_channels_last(tmp_path, monkeypatch):
+    """``examples/train.py --compile --channels_last`` trains the same model as without them (inductor is swapped
+    for a counting backend: it takes minutes on this CPU)."""
+    counter = torch._dynamo.testing.CompileCounter()
+    compile_module = torch.nn.Module.compile
+    monkeypatch.setattr(
+        torch.nn.Module, "compile", lambda self, **kw: compile_module(self, **{**kw, "backend": counter})
+    )
+    trainers, init = [], Trainer.__init__
+
+    def keep(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        trainers.append(self)
+
+    monkeypatch.setattr(Trainer, "__init__", keep)
+    spec = importlib.util.spec_from_file_location("train_example", Path(__file__).parents[1] / "examples" / "train.py")
+    train_py = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_py)
+    # base lr 1e-5: Adam turns rounding-level gradient differences into steps of up to lr (see test_reliability_mp)
+    changes = {"model.base_learning_rate": 1.0e-5, "lightning.trainer.max_steps": 3,
+               "model.params.unet_config.params.attention_resolutions": [2]}  # fmt: skip
+    config = write_config(tmp_path / "c.yaml", tiny_config(**changes))
+    runs = {}
+    for name, flags in (("fast", ["--compile", "--channels_last"]), ("plain", [])):
+        argv = ["--config", str(config), "--output_dir", str(tmp_path / name), "--report_to", "none",
+                "--checkpointing_steps", "2", *flags]  # fmt: skip
+        assert train_py.main(argv) == 0
+        runs[name] = trainers[-1]
+    fast, plain = runs["fast"], runs["plain"]
+    assert fast.options.compile and fast.options.channels_last and counter.frame_count >= 1
+    convs = [p for p in fast.unet.parameters() if p.ndim == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    assert all(s.stride() == p.stride() for s, p in zip(fast.ema.shadow_params, fast.unet.parameters()))
+    a, b = fast.unet.state_dict(), plain.unet.state_dict()
+    assert list(a) == list(b)  # compile in place: the same keys, no "_orig_mod." prefix
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0, msg=key)
+    folder = LDMCompatPipeline.from_pretrained(tmp_path / "fast" / "pipeline").unet.state_dict()  # the EMA weights
+    names = [n for n, _ in fast.unet.named_parameters()]
+    assert all(torch.equal(folder[n], s) for n, s in zip(names, fast.ema.shadow_params))
