@@ -354,15 +354,8 @@ class Trainer:
         return t[rank * b : (rank + 1) * b], noise[rank * b : (rank + 1) * b]
 
     def _check_finite(self) -> None:
-        """``--nan_policy stop``: raise if a loss since the last check point was not finite, on any process.
-
-        The loop position is set back to the bad micro-batch's (the step the message names); the weights, optimizer
-        and EMA in memory are those of the check point (never saved: this runs before every output is written).
-        """
-        bad = self.step_log.first_non_finite(self.accelerator.gather)
-        if bad is not None:
-            self.state.load_state_dict(vars(bad.position))
-            raise FloatingPointError(bad.stop_message(self.output_dir / "checkpoints"))
+        """``--nan_policy stop``: raise if a loss since the last check point was not finite (``StepLog.check``)."""
+        self.step_log.check(self.accelerator.gather, self.state, self.output_dir / "checkpoints")
 
     def _is_check_point(self, step: int) -> bool:
         """Steps at which the loop reads the device: logging, and where it writes or samples anyway."""

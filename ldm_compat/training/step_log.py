@@ -127,6 +127,18 @@ class StepLog:
             return None
         return NonFinite(positions[found], float(losses[found]))
 
+    def check(self, gather: Callable[[torch.Tensor], torch.Tensor], state, checkpoints) -> None:
+        """Raise ``FloatingPointError`` naming the first non-finite loss since the last check, on any process.
+
+        ``state`` (the loop's ``RunState``) is set back to that micro-batch's position, the step the message names;
+        the weights, optimizer and EMA in memory are those of the check point (never saved: the loop checks before
+        it writes anything).
+        """
+        bad = self.first_non_finite(gather)
+        if bad is not None:
+            state.load_state_dict(vars(bad.position))
+            raise FloatingPointError(bad.stop_message(checkpoints))
+
     def means(self, reduce_mean: Callable[[dict], dict]) -> dict[str, float]:
         """The mean of each logged value since the last call, averaged over processes (one sync); then forget them."""
         if not self._logs:
