@@ -35,7 +35,11 @@ def parse_args(argv=None):
     p.add_argument("--report_to", default="tensorboard", help="tensorboard, wandb, or none")
     p.add_argument("--dataloader_num_workers", type=int, default=0)
     p.add_argument("--sample_steps", type=int, default=None, help="steps for logged samples (default: all T)")
-    p.add_argument("--nan_policy", choices=["stop", "skip"], default="stop")
+    p.add_argument("--nan_policy", choices=["stop", "skip"], default="stop",
+                   help="stop: end the run (found at the next log/checkpoint step; no sync per step); skip: skip "
+                   "the batch (reads one flag per step)")  # fmt: skip
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (state-dict keys unchanged)")
+    p.add_argument("--channels_last", action="store_true", help="UNet weights and activations in channels_last")
     p.add_argument("overrides", nargs="*", help="OmegaConf dotlist overrides, key=value")
     return p.parse_args(argv)
 
@@ -66,6 +70,8 @@ def run(args) -> int:
         dataloader_num_workers=args.dataloader_num_workers,
         sample_steps=args.sample_steps,
         nan_policy=args.nan_policy,
+        compile=args.compile,
+        channels_last=args.channels_last,
     )
     outputs = train(config, options, source=args.config)
     for name, path in outputs.items():

@@ -89,6 +89,7 @@ class TrainSettings:
     image_log_frequency: int = 750  # lightning.callbacks.image_logger.params.batch_frequency
     max_images: int = 4
     val_check_interval: int | None = None
+    log_every_n_steps: int = 50  # lightning.trainer.log_every_n_steps, pytorch-lightning's default
     data: dict = field(default_factory=dict)  # the data section, params included
     source: str = "config"
 
@@ -111,6 +112,9 @@ class TrainSettings:
         if max_steps is not None and (not isinstance(max_steps, int) or max_steps == 0 or max_steps < -1):
             raise ConfigError(f"{source}: lightning.trainer.max_steps={max_steps!r}: expected a positive integer")
         logger = _get(config, "lightning.callbacks.image_logger.params", {})
+        log_every = trainer.get("log_every_n_steps", 50)
+        if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
+            raise ConfigError(f"{source}: lightning.trainer.log_every_n_steps={log_every!r}: expected int ≥ 1")
         return cls(
             params=params,
             base_learning_rate=float(base_lr),
@@ -124,6 +128,7 @@ class TrainSettings:
             val_check_interval=trainer.get("val_check_interval")
             if isinstance(trainer.get("val_check_interval"), int)
             else None,
+            log_every_n_steps=log_every,
             data=dict(config.get("data") or {}),
             source=source,
         )
