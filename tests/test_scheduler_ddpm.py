@@ -1,42 +1,14 @@
 """LDMDDPMScheduler against the original DDPM (``fixtures/ldm_reference``, ``fixtures/ldm_schedules``)."""
 
-import json
-from functools import cache
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
 from reference_cases import CASES, load_case
-from safetensors.torch import load_file
+from schedule_traces import META, TRACE_ATOL, max_abs, original_buffers, synthetic_model, trace_tensors
 
 from ldm_compat import LDMDDPMScheduler
 from ldm_compat.schedulers import LDM_BUFFER_NAMES, make_beta_schedule
-
-SCHEDULES = Path(__file__).parent / "fixtures" / "ldm_schedules"
-
-
-@cache
-def schedule_fixture():
-    meta = json.loads((SCHEDULES / "schedules.json").read_text())
-    return meta, load_file(SCHEDULES / "schedules.safetensors")
-
-
-META = json.loads((SCHEDULES / "schedules.json").read_text())
-# bit-for-bit on the CPU kernel family the traces were made with; elsewhere torch's float32 kernels may differ
-# in the last bit (see fixtures/ldm_schedules/README.md)
-SAME_KERNELS = META["torch"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
-TRACE_ATOL = 0.0 if SAME_KERNELS else 1e-6
-
-
-def synthetic_model(x, t):
-    """The stand-in denoiser the traces were generated with (generate.py)."""
-    return torch.tanh(x * 0.9) * 0.8 + (t.float() / 100.0).reshape(-1, 1, 1, 1) * 0.05
-
-
-def max_abs(a, b):
-    return (a - b).abs().max().item()
 
 
 # ---------------------------------------------------------------------------- schedule and config
@@ -51,9 +23,9 @@ def test_buffers_bit_equal_for_reference_cases(name):
 
 @pytest.mark.parametrize("name", sorted(META["schedules"]))
 def test_buffers_bit_equal_for_every_schedule(name):
-    meta, tensors = schedule_fixture()
-    scheduler = LDMDDPMScheduler.from_ldm_config(meta["schedules"][name]["params"])
-    expected = {key: tensors[f"schedule.{name}.{key}"] for key in LDM_BUFFER_NAMES}
+    # float64 numpy cast to float32 on both sides: bit-equal on every machine
+    scheduler = LDMDDPMScheduler.from_ldm_config(META["schedules"][name]["params"])
+    expected = original_buffers(name, LDM_BUFFER_NAMES)
     buffers = scheduler.ldm_buffers()
     for key in LDM_BUFFER_NAMES:
         assert buffers[key].dtype == torch.float32 and buffers[key].device.type == "cpu"
@@ -201,24 +173,35 @@ def test_step_is_p_sample(name):
     assert torch.equal(prev, out.prev_sample) and torch.equal(x0, out.pred_original_sample)
 
 
-@pytest.mark.parametrize("name", sorted(META["ddpm_traces"]))
-def test_full_chain_matches_p_sample_loop(name):
-    meta, tensors = schedule_fixture()
-    trace = meta["ddpm_traces"][name]
+def replay_p_sample_loop(name: str, dtype: torch.dtype) -> torch.Tensor:
+    """The trace's chain with its recorded noise, computed in ``dtype``: x_T and the kept intermediates."""
+    trace, tensors = META["ddpm_traces"][name], trace_tensors()
     scheduler = LDMDDPMScheduler.from_ldm_config(trace)
     intermediates, noise = tensors[f"ddpm.{name}.intermediates"], tensors[f"ddpm.{name}.noise"]
     keep = set(scheduler.intermediate_timesteps())
-    x, got = intermediates[0], [intermediates[0]]
+    x = intermediates[0].to(dtype)
+    got = [x]
     for i, t in enumerate(scheduler.timesteps):
         model_output = synthetic_model(x, torch.full((x.shape[0],), int(t)))
-        x = scheduler.step(model_output, t, x, variance_noise=noise[i]).prev_sample
+        x = scheduler.step(model_output, t, x, variance_noise=noise[i].to(dtype)).prev_sample
         if int(t) in keep:
             got.append(x)
     assert len(got) == intermediates.shape[0]
-    assert max_abs(torch.stack(got), intermediates) <= TRACE_ATOL
+    return torch.stack(got)
+
+
+@pytest.mark.parametrize("name", sorted(META["ddpm_traces"]))
+def test_full_chain_matches_p_sample_loop(name):
+    # traces stored on another machine: float32 tolerance, see schedule_traces.TRACE_ATOL
+    trace, tensors = META["ddpm_traces"][name], trace_tensors()
+    intermediates = tensors[f"ddpm.{name}.intermediates"]
+    assert max_abs(replay_p_sample_loop(name, torch.float32), intermediates) <= TRACE_ATOL
+    # in float64 the chain is free of float32 rounding: the trace lies within the same tolerance of it
+    assert max_abs(replay_p_sample_loop(name, torch.float64), intermediates) <= TRACE_ATOL
     # the same chain drawing its own noise: the original's random stream (x_T, then one draw per step, t=0 too)
+    scheduler = LDMDDPMScheduler.from_ldm_config(trace)
     torch.manual_seed(trace["seed"])
-    x = torch.randn(tuple(meta["trace_shape"]))
+    x = torch.randn(tuple(META["trace_shape"]))
     for t in scheduler.timesteps:
         x = scheduler.step(synthetic_model(x, torch.full((x.shape[0],), int(t))), t, x).prev_sample
     assert max_abs(x, tensors[f"ddpm.{name}.sample"]) <= TRACE_ATOL
