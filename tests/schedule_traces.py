@@ -8,8 +8,8 @@ What is exact and what is not:
   kernels (``tanh`` in the denoiser, ``exp`` of the log variance, ``sqrt``) that are not correctly rounded: on
   the AMD EPYC machine with torch 2.13, 16% of float32 ``sqrt``, 1% of ``exp`` and 0.1% of ``tanh`` results on
   random inputs differ from the correctly rounded value. The kernel chosen differs between CPUs (an Intel and an
-  AMD AVX512 machine disagree in the last bit), and each step carries the previous steps' differences along. Traces stored on one machine are therefore matched
-  to a float32 tolerance (``TRACE_ATOL``) on any other machine.
+  AMD AVX512 machine disagree in the last bit), and each step carries the previous steps' differences along.
+  Traces stored on one machine are therefore matched to a float32 tolerance (``TRACE_ATOL``) on any other.
 """
 
 from __future__ import annotations
