@@ -138,7 +138,8 @@ class Trainer:
 
         params = self.settings.params
         self.unet = LDMUNetModel.from_ldm_config(params["unet_config"])
-        self.objective = DDPMObjective.from_ldm_config(params)
+        self.objective = DDPMObjective.from_ldm_config(params, **self.settings.objective_flags)
+        self.accelerator.print(self.settings.deviation_report(self.objective))
         self.scheduler = LDMDDPMScheduler.from_ldm_config(params)
         self.ema = None
         if self.settings.use_ema:
