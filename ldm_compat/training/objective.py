@@ -92,7 +92,9 @@ class DDPMObjective(ModelMixin, ConfigMixin):
             routed like ``LatentDiffusion.apply_model``.
         logvar_weighting: apply ``loss_simple / exp(logvar_t) + logvar_t`` (``LatentDiffusion.p_losses``). ``None``
             (default) means "when ``learn_logvar``"; ``False`` is the pixel-space ``DDPM.p_losses``, which never
-            used ``logvar`` in the loss. With a constant ``logvar`` of 0 both give the same loss.
+            used ``logvar`` in the loss (a learned ``logvar`` then keeps ``logvar_init``: ``requires_grad=False``);
+            ``True`` is ``LatentDiffusion.p_losses``. With a constant ``logvar`` of 0 all give the same loss.
+            Training takes the default of ``model.target``'s class (``training.settings.objective_flags``).
         ldm_bug_compat: reproduce the original x0 ``lvlb_weights`` precedence bug (``2.*1 - ᾱ``).
         timesteps, beta_schedule, linear_start, linear_end, cosine_s, given_betas, v_posterior: the schedule, in
             the original's names and with its defaults (see ``LDMDDPMScheduler.from_ldm_config``); ``timesteps``
