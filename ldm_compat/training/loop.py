@@ -426,7 +426,8 @@ class Trainer:
         module.eval()
         generator = torch.Generator(device="cpu").manual_seed(self.options.seed + self.state.global_step)
         pipe = self.sampling_pipeline()
-        pipe.set_progress_bar_config(disable=True)
+        # sampling all T steps takes a while on a CPU: a bar of its own, removed when done
+        pipe.set_progress_bar_config(desc="image log: sampling", unit="step", leave=False)
 
         cond_kwargs = self.get_cond_kwargs(batch)
 
