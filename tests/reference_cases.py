@@ -92,3 +92,38 @@ def case_pipeline(name: str):
     pipe.unet.eval()
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# ---------------------------------------------------------------------------------------------------- latent models
+LATENT_FIXTURES = Path(__file__).parent / "fixtures" / "ldm_reference_latent"
+LATENT_CASES = sorted(p.name[: -len(".ckpt")] for p in LATENT_FIXTURES.glob("*.ckpt"))
+
+
+@cache
+def load_latent_case(name: str) -> ReferenceCase:
+    """A case of ``fixtures/ldm_reference_latent`` (same files and fields as the pixel cases)."""
+    if name not in LATENT_CASES:
+        raise KeyError(f"no latent reference case {name!r}; have {LATENT_CASES}")
+    config = OmegaConf.to_container(OmegaConf.load(LATENT_FIXTURES / f"{name}.yaml"), resolve=True)
+    checkpoint = torch.load(LATENT_FIXTURES / f"{name}.ckpt", map_location="cpu", weights_only=True)
+    io = load_file(LATENT_FIXTURES / f"{name}.io.safetensors")
+    meta = json.loads((LATENT_FIXTURES / f"{name}.json").read_text())
+    return ReferenceCase(name, config, checkpoint, io, meta)
+
+
+def case_unet(case: ReferenceCase, weights: str = "training"):
+    """The case's ``LDMUNetModel`` (eval mode) from its ``unet_config``, with the training weights
+    (``model.diffusion_model.*``) or the EMA weights (``model_ema.*``, LitEma names mapped by the converter's rules)."""
+    from ldm_compat import LDMUNetModel
+    from ldm_compat.convert.layout import OriginalStateDict, ema_shadow_map
+
+    parts = OriginalStateDict.split(case.state_dict)
+    if weights == "ema":
+        state_dict = {name: parts.ema[shadow] for name, shadow in ema_shadow_map(parts.unet).items()}
+    elif weights == "training":
+        state_dict = parts.unet
+    else:
+        raise ValueError(f"weights={weights!r}: expected 'training' or 'ema'")
+    unet = LDMUNetModel.from_ldm_config(case.unet_config)
+    unet.load_original_state_dict(state_dict)
+    return unet.eval()

@@ -54,7 +54,9 @@ def test_unconditional_card(tmp_path):
     assert "none (unconditional)" in text and "3 × 16 × 16" in text
     assert "No training facts were recorded" in text
     assert 'LDMCompatPipeline.from_pretrained("someone/eps")' in text
-    assert 'DiffusionPipeline.from_pretrained("someone/eps", trust_remote_code=True)' in text
+    # a stock DDPMPipeline folder holds no code: plain diffusers needs no trust_remote_code
+    assert 'DiffusionPipeline.from_pretrained(snapshot_download("someone/eps"))' in text
+    assert "trust_remote_code=True)" not in text and "num_inference_steps=T).images" in text
     assert "encoder_hidden_states=" not in text and "## Samples" not in text and "## Original config" not in text
     assert "hf download someone/eps --local-dir eps\nldm-compat export eps --output model.ckpt" in text
     # the YAML header round-trips through huggingface_hub
@@ -83,6 +85,8 @@ def test_conditional_card_with_extras(tmp_path):
     assert "![samples](sample_grid.png)" in text
     assert "## Original config" in text and "use_linear_in_transformer: true" in text
     assert "`v` (the UNet predicts v" in text
+    assert 'DiffusionPipeline.from_pretrained("someone/v", trust_remote_code=True)' in text  # loader files
+    assert "snapshot_download" not in text
     grid = Image.open(folder / "sample_grid.png")
     assert grid.size == (48, 32)  # 5 images → 2 rows × 3 columns
 
@@ -123,11 +127,9 @@ def test_files_to_push(tmp_path):
     (folder / "README.md").write_text("old card")
     assert files_to_push(folder) == [
         "model_index.json",
-        "scheduler/ldm_compat_LDMDDPMScheduler.py",
         "scheduler/scheduler_config.json",
         "unet/config.json",
         "unet/diffusion_pytorch_model.safetensors",
-        "unet/ldm_compat_LDMUNetModel.py",
     ]
     (folder / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"x")
     with pytest.raises(ValueError, match=r"unet/diffusion_pytorch_model.bin: pickle-based weights"):

@@ -1,7 +1,8 @@
 """Push → download round trip against a local Hub API server (``tests/hub_server.py``), with the real
 ``huggingface_hub`` / diffusers client code: ``pipe.push_to_hub``, ``ldm-compat push DIR REPO_ID``,
-``LDMCompatPipeline.from_pretrained(repo_id)`` and plain ``DiffusionPipeline.from_pretrained(repo_id,
-trust_remote_code=True)`` — identical samples with a fixed generator.
+``LDMCompatPipeline.from_pretrained(repo_id)`` and plain diffusers — ``DiffusionPipeline.from_pretrained(
+snapshot_download(repo_id))`` with no flag for a stock (unconditional) repo, ``DiffusionPipeline.from_pretrained(
+repo_id, trust_remote_code=True)`` for the others — identical samples with a fixed generator.
 
 The client runs in a fresh interpreter because ``huggingface_hub`` binds ``HF_ENDPOINT`` when it is imported.
 """
@@ -28,7 +29,7 @@ CLIENT = """
 import json, sys, torch
 torch.set_num_threads({threads})
 from diffusers import DiffusionPipeline
-from huggingface_hub import HfApi
+from huggingface_hub import HfApi, snapshot_download
 
 work = {work!r}
 results = {{}}
@@ -58,6 +59,8 @@ for repo, kwargs in (("alice/uncond", {{}}), ("alice/cond", {{"encoder_hidden_st
     for how in ("ldm_compat", "diffusers"):
         if how == "ldm_compat":
             loaded = LDMCompatPipeline.from_pretrained(repo)
+        elif repo == "alice/uncond":  # a stock DDPMPipeline repo, no code in it: no flag
+            loaded = DiffusionPipeline.from_pretrained(snapshot_download(repo))
         else:
             loaded = DiffusionPipeline.from_pretrained(repo, trust_remote_code=True)
         loaded.set_progress_bar_config(disable=True)
@@ -74,6 +77,11 @@ try:
     DiffusionPipeline.from_pretrained("alice/cond")
 except ValueError as err:
     results["no_flag"] = "trust_remote_code" in str(err)
+# 5. diffusers' own download refuses components of other libraries (huggingface/diffusers#5553)
+try:
+    DiffusionPipeline.from_pretrained("alice/uncond")
+except ValueError as err:
+    results["stock_by_repo_id"] = "/ldm_compat.py as defined in `model_index.json` does not exist" in str(err)
 
 print("RESULTS " + json.dumps(results))
 """
@@ -113,24 +121,22 @@ def test_push_and_load_by_repo_id(tmp_path):
         requests = list(hub.requests)
 
     assert results["push_to_hub"].startswith(hub.url + "/alice/uncond/commit/")
-    assert results["cli_rc"] == 0 and results["no_flag"] is True
+    assert results["cli_rc"] == 0 and results["no_flag"] is True and results["stock_by_repo_id"] is True
     assert results["alice/uncond ldm_compat"] == "LDMCompatPipeline"
     assert results["alice/uncond diffusers"] == "DDPMPipeline"
     assert results["alice/cond ldm_compat"] == results["alice/cond diffusers"] == "LDMCompatPipeline"
     assert cond_messages == ["first upload"]
     assert ("POST", "/api/repos/create") in requests
 
-    # what was uploaded: the pipeline, its loader files, extras and card; no training state
+    # what was uploaded: the pipeline, its loader files (none for a stock repo), extras and card; no training state
     assert sorted(uncond_files) == [
         "README.md",
         "ldm_extras/training.json",
         "model_index.json",
         "sample_grid.png",
-        "scheduler/ldm_compat_LDMDDPMScheduler.py",
         "scheduler/scheduler_config.json",
         "unet/config.json",
         "unet/diffusion_pytorch_model.safetensors",
-        "unet/ldm_compat_LDMUNetModel.py",
     ]
     assert sorted(cond_files) == [
         "README.md",

@@ -108,9 +108,22 @@ def original_config(folder: str | os.PathLike) -> str:
     scheduler = LDMDDPMScheduler.from_pretrained(folder, subfolder="scheduler")
     unet_config = LDMUNetModel.load_config(folder, subfolder="unet")
     params = {k: v for k, v in scheduler.to_ldm_config().items() if v is not None}
+    params["use_ema"] = False  # such a folder has no EMA weights: the original's LitEma keys would be missing
     unet_params = {k: v for k, v in unet_config.items() if not k.startswith("_") and k != "sample_size"}
     params["unet_config"] = {"target": UNET_TARGET, "params": unet_params}
-    return yaml.safe_dump({"model": {"target": DDPM_TARGET, "params": params}})
+    text = yaml.safe_dump({"model": {"target": DDPM_TARGET, "params": params}})
+    if scheduler.config.get("rescale_betas_zero_snr"):
+        text = ZERO_SNR_NOTE + text
+    return text
+
+
+# the original DDPM cannot take given_betas from a YAML list (`1. - betas` raises TypeError), so a zero-SNR model's
+# YAML keeps the schedule before rescaling and its checkpoint the rescaled buffers, which load_state_dict puts in place
+ZERO_SNR_NOTE = (
+    "# ldm_compat: this model was trained with this schedule rescaled to zero terminal SNR (Lin et al. 2023).\n"
+    "# The original code has no option for it: the checkpoint's schedule buffers hold the rescaled schedule and\n"
+    "# replace the ones built from this file when the checkpoint is loaded.\n"
+)
 
 
 def diffusers_to_original(

@@ -105,7 +105,7 @@ def build_scheduler(params: dict, buffers: Mapping[str, torch.Tensor], schedule_
     exactly; otherwise (with ``schedule_mismatch="trained_betas"``) the scheduler uses the checkpoint's ``betas``
     and the original buffers are stored so export stays lossless.
     """
-    from ldm_compat.schedulers.scheduling_ldm_ddpm import LDMDDPMScheduler
+    from ldm_compat.schedulers.scheduling_ldm_ddpm import LDMDDPMScheduler, zero_snr_candidates
 
     if schedule_mismatch not in ("error", "trained_betas"):
         raise ValueError(f"schedule_mismatch={schedule_mismatch!r}: expected 'error' or 'trained_betas'")
@@ -119,10 +119,12 @@ def build_scheduler(params: dict, buffers: Mapping[str, torch.Tensor], schedule_
     mismatch: list[str] = []
     for candidate in candidates:
         candidate = {k: v for k, v in candidate.items() if k != "_inferred_schedule"}
-        scheduler = LDMDDPMScheduler.from_ldm_config(candidate)
-        mismatch = [name for name in scheduler.schedule_mismatches(buffers) if name in buffers]
-        if not mismatch:
-            return scheduler, candidate, {}
+        # a zero-SNR model's YAML holds the schedule before rescaling (the original has no option for it)
+        for overrides in zero_snr_candidates(buffers):
+            scheduler = LDMDDPMScheduler.from_ldm_config(candidate, **overrides)
+            mismatch = [name for name in scheduler.schedule_mismatches(buffers) if name in buffers]
+            if not mismatch:
+                return scheduler, candidate, {}
     if schedule_mismatch == "error":
         raise ValueError(
             f"{source}: the checkpoint's schedule buffers differ from the config's schedule: {', '.join(mismatch)}; "

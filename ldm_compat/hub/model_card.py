@@ -152,6 +152,8 @@ def card_context(
         "repo_id": repo_id,
         "model_description": model_description,
         "pipeline_class": folder_format.pipeline_class_name(index),
+        # plain diffusers needs trust_remote_code=True exactly when model_index.json names a loader file
+        "remote_code": folder_format.names_loader_files(index),
         "scheduler_class": (index.get("scheduler") or [None, "?"])[1],
         "unet": {
             "class_name": (index.get("unet") or [None, "?"])[1],

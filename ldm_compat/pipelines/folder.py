@@ -1,30 +1,36 @@
 """The pipeline folder format: what ``LDMCompatPipeline.save_pretrained`` writes and what loading accepts.
 
-A folder is a standard diffusers pipeline folder (every tensor in safetensors)::
+A folder is a standard diffusers pipeline folder (tensors in safetensors unless ``safe_serialization=False``)::
 
     model_index.json                         _class_name, components, the pipeline config (see below)
-    ldm_compat_pipeline.py                   loader file (not for DDPMPipeline folders, see below)
     unet/config.json                         LDMUNetModel config (the original unet_config params)
     unet/diffusion_pytorch_model.safetensors
-    unet/ldm_compat_LDMUNetModel.py          loader file
     scheduler/scheduler_config.json          LDMDDPMScheduler config
-    scheduler/ldm_compat_LDMDDPMScheduler.py loader file
+    ldm_compat_pipeline.py, unet/ldm_compat_LDMUNetModel.py, scheduler/ldm_compat_LDMDDPMScheduler.py
+                                             loader files: only in folders no stock pipeline runs (below)
     ldm_extras/                              reserved for ldm_compat (conversion/export, model card facts)
     sample_grid.png                          reserved: the model card's sample image
     README.md                                the model card (written when pushing)
 
-Loader files. diffusers (0.42) imports a component's class only from diffusers/transformers or from a module the
-caller has already imported — or from a ``<component>/<module>.py`` file in the folder when the caller passes
-``trust_remote_code=True``. Each loader file is one line, ``from ldm_compat.<module> import <Class>``, so plain
-``DiffusionPipeline.from_pretrained(folder_or_repo_id, trust_remote_code=True)`` works with only ``diffusers``
-imported (``ldm_compat`` must be installed), for local folders and Hub repos alike. ``LDMCompatPipeline.
-from_pretrained`` needs no flag: it checks that every ``.py`` file in the folder is exactly such a loader file
-before diffusers runs it (``check_loader_files``).
+Two kinds of folder, chosen by ``stock.stock_pipeline_for``:
 
-``_class_name`` is ``"DDPMPipeline"`` when a stock ``DDPMPipeline`` samples the model the same way (unconditional,
-sample shape = the UNet's ``sample_size`` × ``in_channels``); otherwise ``["ldm_compat_pipeline",
-"LDMCompatPipeline"]`` (diffusers' notation for a pipeline class in a folder file). ``LDMCompatPipeline.
-from_pretrained`` loads both.
+- **Stock** (e.g. unconditional pixel models): ``_class_name`` is the diffusers pipeline that runs the model
+  (``"DDPMPipeline"``) and our components are named ``["ldm_compat", "LDMUNetModel"]`` /
+  ``["ldm_compat", "LDMDDPMScheduler"]``. Plain ``DiffusionPipeline.from_pretrained(folder)`` loads it with no
+  flag and no code in the folder: diffusers looks the classes (and their ``ModelMixin`` / ``SchedulerMixin`` bases)
+  up in the ``ldm_compat`` package. diffusers up to 0.42.0 imports that package by name; 0.42.1 only takes it from
+  ``sys.modules``, which is why ``ldm_compat`` registers ``ldm_compat_autoload`` as a ``torch.backends`` entry
+  point: installed, it is imported together with torch (see ``ldm_compat_autoload``).
+- **Own pipeline** (conditioning, a sample shape other than the UNet's): ``_class_name`` is
+  ``["ldm_compat_pipeline", "LDMCompatPipeline"]`` (diffusers' notation for a pipeline class in a folder file) and
+  each of our components is named after its loader file (``["ldm_compat_LDMUNetModel", "LDMUNetModel"]``). A loader
+  file is one line, ``from ldm_compat.<module> import <Class>``; plain diffusers runs them with
+  ``trust_remote_code=True`` (for local folders and Hub repos alike).
+
+``LDMCompatPipeline.from_pretrained`` loads both kinds, and the older folders naming our modules directly
+(``["ldm_compat.models.unet_ldm", "LDMUNetModel"]``), with no flag and without running folder code: it checks that
+every ``.py`` file is exactly such a loader file (``check_loader_files``), points each of our components at the
+package (``importable_index``) and hands the rest to ``DiffusionPipeline.from_pretrained``.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ import json
 import os
 import re
 from pathlib import Path
+
+from ldm_compat.pipelines.stock import DROPPED_KEYS
 
 MODEL_INDEX = "model_index.json"
 EXTRAS_DIR = "ldm_extras"
@@ -50,7 +58,7 @@ DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.py", f"{EXTRAS_DIR}/*"]
 #: weight formats that unpickle on load; never written, pushed or downloaded by ldm_compat
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
 
-STOCK_CLASS_NAME = "DDPMPipeline"
+ROOT_LIBRARY = "ldm_compat"
 PIPELINE_LOADER_MODULE = "ldm_compat_pipeline"
 LOADER_PREFIX = "ldm_compat_"
 
@@ -88,80 +96,92 @@ def check_loader_files(folder: str | os.PathLike) -> None:
             )
 
 
-def runs_as_stock_ddpm(conditioning_key, image_size, channels, unet_config) -> bool:
-    """Whether diffusers' ``DDPMPipeline`` draws the same samples: unconditional, shape taken from the UNet config."""
-    if conditioning_key is not None:
-        return False
-    sample_size = unet_config.get("sample_size")
-    if isinstance(sample_size, (list, tuple)):
-        sample_size = tuple(sample_size)
-    size_ok = (
-        image_size is None
-        or image_size == sample_size
-        or (isinstance(sample_size, tuple) and (image_size, image_size) == sample_size)
-    )
-    channels_ok = channels is None or channels == unet_config.get("in_channels")
-    return bool(size_ok and channels_ok)
+def _root_export(class_name: str) -> type | None:
+    """``ldm_compat.<class_name>`` when the package exports it (what a ``["ldm_compat", name]`` entry resolves to)."""
+    import ldm_compat
+
+    return getattr(ldm_compat, class_name) if class_name in ldm_compat.__all__ else None
 
 
-def component_class(folder: str | os.PathLike, index: dict, name: str) -> type | None:
-    """The ldm_compat class of component ``name`` (via its checked loader file or its module path), else ``None``.
+def _entry_library(folder: Path | None, name: str, library: str, class_name: str) -> str | None:
+    """The ldm_compat module a component entry points at (a loader file is followed), else ``None``."""
+    if library.startswith(LOADER_PREFIX):
+        if folder is None:
+            return None
+        path = folder / name / f"{library}.py"
+        match = _LOADER_LINE.search(path.read_text(encoding="utf-8")) if path.is_file() else None
+        if match is None or match.group(2) != class_name:
+            raise ValueError(f"{name}/{library}.py: missing, or it does not provide {class_name} (model_index.json)")
+        return match.group(1)
+    if library == ROOT_LIBRARY or library.startswith(ROOT_LIBRARY + "."):
+        return library
+    return None
 
-    Call ``check_loader_files`` first: only verified ``from ldm_compat.… import …`` lines are followed.
+
+def component_class(folder: str | os.PathLike | None, index: dict, name: str) -> type | None:
+    """The ldm_compat class of component ``name`` (by the package, its module or its loader file), else ``None``.
+
+    Call ``check_loader_files`` first: only verified ``from ldm_compat.… import …`` lines are followed. ``folder``
+    may be ``None`` (loader-file entries then give ``None``).
     """
     import importlib
 
     library, class_name = index[name]
-    if library.startswith(LOADER_PREFIX):
-        path = Path(folder) / name / f"{library}.py"
-        match = _LOADER_LINE.search(path.read_text(encoding="utf-8")) if path.is_file() else None
-        if match is None or match.group(2) != class_name:
-            raise ValueError(f"{name}/{library}.py: missing, or it does not provide {class_name} (model_index.json)")
-        library = match.group(1)
-    elif not library.startswith("ldm_compat."):
+    module_name = _entry_library(None if folder is None else Path(folder), name, library, class_name)
+    if module_name is None:
         return None
-    module = importlib.import_module(library)
-    if not hasattr(module, class_name):
-        raise ValueError(f"model_index.json: {library} has no class {class_name!r} (component {name!r})")
-    return getattr(module, class_name)
+    module = importlib.import_module(module_name)
+    cls = getattr(module, class_name, None)
+    if not isinstance(cls, type):
+        raise ValueError(f"model_index.json: {module_name} has no class {class_name!r} (component {name!r})")
+    return cls
 
 
-def alias_loader_modules(folder: str | os.PathLike, index: dict) -> None:
-    """Make the loader-file module names of a checked folder importable as the modules they re-export.
+def importable_index(folder: str | os.PathLike | None, index: dict) -> dict:
+    """A copy of ``model_index.json`` in which diffusers can import every ldm_compat component in this process.
 
-    diffusers checks a component passed to ``from_pretrained`` by importing the library named in
-    ``model_index.json`` from ``sys.modules``; for a loader file that library is the file's module name.
+    Each of our components is named ``["ldm_compat", class]`` when the package exports the class, else by the
+    (imported) module that defines it — never by its loader file, so diffusers runs no folder code.
+    ``_class_name`` becomes a plain class name (``[file, class]`` would make diffusers import the pipeline file).
     """
-    import sys
-
+    index = dict(index)
+    if isinstance(index.get("_class_name"), (list, tuple)):
+        index["_class_name"] = index["_class_name"][1]
     for name in component_folders(index):
-        library = index[name][0]
-        if library.startswith(LOADER_PREFIX) and library not in sys.modules:
-            cls = component_class(folder, index, name)
-            sys.modules[library] = sys.modules[cls.__module__]
+        cls = component_class(folder, index, name)
+        if cls is not None:
+            library = ROOT_LIBRARY if _root_export(cls.__name__) is cls else cls.__module__
+            index[name] = [library, cls.__name__]
+    return index
 
 
-def finalize_folder(save_directory: str | os.PathLike, pipeline_class: type, stock: bool) -> dict:
+def finalize_folder(save_directory: str | os.PathLike, pipeline_class: type, stock_class: str | None) -> dict:
     """Turn a folder freshly written by ``DiffusionPipeline.save_pretrained`` into the ldm_compat format.
 
-    Writes the loader files and points ``model_index.json`` at them; sets ``_class_name`` (``DDPMPipeline`` when
-    ``stock``, whose pipeline-only keys are then dropped: they are at their defaults, and ``DDPMPipeline`` takes none).
-    Components from other libraries (diffusers' own, or user code) are left as diffusers wrote them.
+    ``stock_class`` (from ``stock.stock_pipeline_for``): the diffusers pipeline named as ``_class_name``; its
+    ``DROPPED_KEYS`` leave the index and our components are named by the ``ldm_compat`` package (a component the
+    package does not export gets a loader file). ``None``: ``_class_name`` names ``pipeline_class`` through its
+    loader file, and so does every ldm_compat component. Components from other libraries (diffusers' own, or user
+    code) are left as diffusers wrote them.
     """
     folder = Path(save_directory)
     path = folder / MODEL_INDEX
     index = json.loads(path.read_text())
     for name in component_folders(index):
         library, class_name = index[name]
-        if library.startswith("ldm_compat."):
-            module = LOADER_PREFIX + class_name
-            (folder / name / f"{module}.py").write_text(loader_text(library, class_name))
-            index[name] = [module, class_name]
-    if stock:
-        index["_class_name"] = STOCK_CLASS_NAME
-        for key in PIPELINE_CONFIG_KEYS:
+        if not library.startswith(ROOT_LIBRARY + "."):
+            continue
+        if stock_class is not None and _root_export(class_name) is component_class(folder, index, name):
+            index[name] = [ROOT_LIBRARY, class_name]
+            continue
+        module = LOADER_PREFIX + class_name
+        (folder / name / f"{module}.py").write_text(loader_text(library, class_name))
+        index[name] = [module, class_name]
+    if stock_class is not None:
+        index["_class_name"] = stock_class
+        for key in DROPPED_KEYS[stock_class]:
             index.pop(key, None)
-    elif pipeline_class.__module__.startswith("ldm_compat."):
+    elif pipeline_class.__module__.startswith(ROOT_LIBRARY + "."):
         (folder / f"{PIPELINE_LOADER_MODULE}.py").write_text(
             loader_text(pipeline_class.__module__, pipeline_class.__name__)
         )
@@ -174,6 +194,13 @@ def pipeline_class_name(index: dict) -> str:
     """The pipeline class named by ``model_index.json`` (``_class_name`` may be ``[module, class]``)."""
     name = index["_class_name"]
     return name[1] if isinstance(name, (list, tuple)) else name
+
+
+def names_loader_files(index: dict) -> bool:
+    """Whether ``model_index.json`` names a loader file (then plain diffusers asks for ``trust_remote_code``)."""
+    if isinstance(index.get("_class_name"), (list, tuple)):
+        return True
+    return any(index[name][0].startswith(LOADER_PREFIX) for name in component_folders(index))
 
 
 def read_model_index(folder: str | os.PathLike) -> dict:

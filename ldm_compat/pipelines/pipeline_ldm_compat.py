@@ -27,6 +27,7 @@ from ldm_compat.pipelines.conditioning_inputs import (
     prepare_conditioning,
 )
 from ldm_compat.pipelines.output import LDMCompatPipelineOutput, check_output_type, postprocess
+from ldm_compat.pipelines.stock import stock_pipeline_for
 
 #: the original ``DDPM``'s default ``log_every_t``
 DEFAULT_LOG_EVERY_T = 100
@@ -108,10 +109,26 @@ class LDMCompatPipeline(DiffusionPipeline):
         return int(channels), int(height), int(width)
 
     @property
-    def runs_as_stock_ddpm(self) -> bool:
-        """Whether diffusers' ``DDPMPipeline`` samples this model identically (then saved folders name it)."""
+    def stock_pipeline(self) -> str | None:
+        """The diffusers pipeline class that samples this model identically (saved folders name it), else ``None``.
+
+        See ``ldm_compat.pipelines.stock.stock_pipeline_for``.
+        """
         c = self.config
-        return folder_format.runs_as_stock_ddpm(c.conditioning_key, c.image_size, c.channels, dict(self.unet.config))
+        components = {k: v for k, v in self.components.items() if k not in ("unet", "scheduler")}
+        return stock_pipeline_for(
+            c.conditioning_key,
+            dict(self.unet.config),
+            image_size=c.image_size,
+            channels=c.channels,
+            scheduler=type(self.scheduler),
+            **components,
+        )
+
+    @property
+    def runs_as_stock_ddpm(self) -> bool:
+        """Whether diffusers' ``DDPMPipeline`` samples this model identically."""
+        return self.stock_pipeline == "DDPMPipeline"
 
     # ------------------------------------------------------------------------------------------------ sampling
     def _set_timesteps(self, num_inference_steps: int | None, device: torch.device) -> None:
@@ -267,38 +284,23 @@ class LDMCompatPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------------------------------------ saving / loading
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> LDMCompatPipeline:
-        """Load a pipeline folder or Hub repo written by ``save_pretrained`` (any conditioning).
+        """Load a pipeline folder or Hub repo written by ``save_pretrained`` (any conditioning, old folders too).
 
-        Accepts diffusers' ``from_pretrained`` keyword arguments (``device_map`` excepted: move the pipeline with
-        ``.to()``). A repo id is downloaded with ``download`` (diffusers' own download refuses our components:
+        ``DiffusionPipeline.from_pretrained`` does the loading, so its keyword arguments work as for any diffusers
+        pipeline (``dtype`` / ``torch_dtype`` including the per-component dict, ``device_map``, ``variant``,
+        ``low_cpu_mem_usage``, component overrides, …); ``custom_pipeline`` is refused (this is the pipeline).
+        A repo id is downloaded with ``download`` (diffusers' own download refuses our components:
         huggingface/diffusers#5553). The folder's ``.py`` files must be ldm_compat's loader files
-        (``folder.check_loader_files``); the ldm_compat components they name are loaded here with their own
-        classes and handed to diffusers, so no folder code runs and no ``trust_remote_code`` is needed. Folders
-        whose ``model_index.json`` names our modules directly load too.
+        (``folder.check_loader_files``) and none of them is run: ``load_config`` names our components by the
+        package (``folder.importable_index``), so no ``trust_remote_code`` is needed.
         """
         if kwargs.get("custom_pipeline") is not None:
             raise ValueError("custom_pipeline: not supported by LDMCompatPipeline.from_pretrained (it is the pipeline)")
-        if kwargs.get("device_map") is not None:
-            raise ValueError("device_map: not supported by LDMCompatPipeline.from_pretrained; use .to(device)")
         path = os.fspath(pretrained_model_name_or_path)
         if not os.path.isdir(path):
             path = cls.download(path, **kwargs)
         folder_format.check_loader_files(path)
-        index = folder_format.read_model_index(path)
-        model_kwargs = {
-            k: kwargs[k]
-            for k in ("torch_dtype", "dtype", "variant", "use_safetensors", "low_cpu_mem_usage", "disable_mmap")
-            if k in kwargs
-        }
-        for name in folder_format.component_folders(index):
-            component_cls = folder_format.component_class(path, index, name)
-            if name in kwargs or component_cls is None:
-                continue  # passed by the caller, or another library's component: diffusers loads it
-            if issubclass(component_cls, ModelMixin):
-                kwargs[name] = component_cls.from_pretrained(path, subfolder=name, **model_kwargs)
-            else:
-                kwargs[name] = component_cls.from_pretrained(path, subfolder=name)
-        folder_format.alias_loader_modules(path, index)  # diffusers' type check of passed components imports them
+        folder_format.read_model_index(path)  # a one-line error when the folder is not a pipeline
         pipe = super().from_pretrained(path, **kwargs)
         if path != os.fspath(pretrained_model_name_or_path):
             pipe.register_to_config(_name_or_path=os.fspath(pretrained_model_name_or_path))
@@ -306,15 +308,18 @@ class LDMCompatPipeline(DiffusionPipeline):
 
     @classmethod
     def load_config(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """``ConfigMixin.load_config``, with a ``[file, class]`` ``_class_name`` read as the class name.
+        """``ConfigMixin.load_config``, with our components made importable (``folder.importable_index``).
 
-        ``from_pretrained`` reads the pipeline class from here; this keeps diffusers from importing the folder's
-        pipeline loader file (the class is this one).
+        ``from_pretrained`` reads the pipeline class and the component libraries from here: a ``[file, class]``
+        ``_class_name`` becomes the class name and loader-file libraries the modules they name, so diffusers
+        imports neither file.
         """
         result = super().load_config(pretrained_model_name_or_path, *args, **kwargs)
         config = result[0] if isinstance(result, tuple) else result
-        if isinstance(config.get("_class_name"), (list, tuple)):
-            config["_class_name"] = config["_class_name"][1]
+        path = os.fspath(pretrained_model_name_or_path)
+        converted = folder_format.importable_index(path if os.path.isdir(path) else None, config)
+        config.clear()
+        config.update(converted)
         return result
 
     @classmethod
@@ -334,23 +339,26 @@ class LDMCompatPipeline(DiffusionPipeline):
         push_to_hub: bool = False,
         **kwargs,
     ) -> None:
-        """Write the pipeline folder (see ``ldm_compat.pipelines.folder``); safetensors only.
+        """``DiffusionPipeline.save_pretrained``, then the ldm_compat folder format (``ldm_compat.pipelines.folder``).
 
-        ``model_index.json`` names ``DDPMPipeline`` when a stock ``DDPMPipeline`` samples this model identically;
-        loader files let plain ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` load any
-        folder without importing ``ldm_compat``. With
-        ``push_to_hub=True`` the folder is then pushed with ``ldm_compat.hub.push_folder`` (``repo_id`` defaults to
-        the folder name; ``token``, ``private``, ``commit_message``, ``create_pr`` are passed on).
+        ``model_index.json`` names the stock diffusers pipeline that samples this model identically
+        (``stock_pipeline``; plain ``DiffusionPipeline.from_pretrained(folder)`` then loads it), else this class
+        through its loader file. ``safe_serialization=False`` writes pickle-based ``.bin`` weights as diffusers
+        does (loadable, but never pushed). With ``push_to_hub=True`` the folder is then pushed with
+        ``ldm_compat.hub.push_folder`` (``repo_id`` defaults to the folder name; ``token``, ``private``,
+        ``commit_message``, ``create_pr`` are passed on).
         """
-        if not safe_serialization:
-            raise ValueError("safe_serialization=False: ldm_compat folders hold safetensors weights only")
         push_options = {
             k: kwargs.pop(k) for k in ("repo_id", "token", "private", "commit_message", "create_pr") if k in kwargs
         }
         super().save_pretrained(
-            save_directory, safe_serialization=True, variant=variant, max_shard_size=max_shard_size, **kwargs
+            save_directory,
+            safe_serialization=safe_serialization,
+            variant=variant,
+            max_shard_size=max_shard_size,
+            **kwargs,
         )
-        folder_format.finalize_folder(save_directory, type(self), stock=self.runs_as_stock_ddpm)
+        folder_format.finalize_folder(save_directory, type(self), self.stock_pipeline)
         if push_to_hub:
             from ldm_compat.hub import push_folder
 
@@ -382,6 +390,8 @@ class LDMCompatPipeline(DiffusionPipeline):
         """
         from ldm_compat.hub import push_folder, write_card_extras
 
+        if not safe_serialization:
+            raise ValueError("safe_serialization=False: ldm_compat pushes safetensors weights only")
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(tmp, safe_serialization=safe_serialization, variant=variant)
             write_card_extras(tmp, training=training, original_config=original_config, samples=samples)

@@ -6,14 +6,18 @@ order, so in float32 they give the original's bits.
 
 from __future__ import annotations
 
+import inspect
+import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from .ldm_config import check_prediction_type, resolve_schedule
-from .schedule import LDM_BUFFER_NAMES, ldm_schedule_arrays
+from .schedule import LDM_BUFFER_NAMES, ldm_schedule_arrays, rescale_zero_terminal_snr
 
 _HALF_TYPES = (torch.float16, torch.bfloat16)
+LDM_SCHEDULER_NAMES = ("LDMDDPMScheduler", "LDMDDIMScheduler")
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -47,6 +51,32 @@ def extract(values: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
     return values.gather(-1, t).reshape(t.shape[0], *((1,) * (ndim - 1)))
 
 
+def threshold_sample(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
+    """Dynamic thresholding (Imagen; diffusers' ``thresholding=True``): per sample, ``s`` = the ``ratio`` quantile of
+    ``|x̂0|`` over all its elements, clamped to ``[1, max_value]``; x̂0 is clamped to ``[-s, s]`` and divided by ``s``."""
+    dtype = x0.dtype
+    flat = x0.reshape(x0.shape[0], -1)
+    if dtype not in (torch.float32, torch.float64):
+        flat = flat.float()  # torch.quantile needs float32/64
+    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value).unsqueeze(1)
+    return (flat.clamp(min=-s, max=s) / s).reshape(x0.shape).to(dtype)
+
+
+def check_thresholding(dynamic_thresholding_ratio: float, sample_max_value: float) -> None:
+    if not 0.0 <= float(dynamic_thresholding_ratio) <= 1.0:
+        raise ValueError(f"dynamic_thresholding_ratio={dynamic_thresholding_ratio}: expected a quantile in [0, 1]")
+    if not float(sample_max_value) >= 1.0:
+        raise ValueError(f"sample_max_value={sample_max_value}: expected a value ≥ 1 (the threshold's upper bound)")
+
+
+def _init_defaults(klass) -> dict[str, Any]:
+    return {
+        name: p.default
+        for name, p in inspect.signature(klass.__init__).parameters.items()
+        if name != "self" and p.kind is p.POSITIONAL_OR_KEYWORD
+    }
+
+
 class LDMScheduleMixin:
     """Schedule state and helpers shared by ``LDMDDPMScheduler`` and ``LDMDDIMScheduler``.
 
@@ -56,6 +86,10 @@ class LDMScheduleMixin:
 
     # the other ldm_compat scheduler, so that from_config between them drops each other's keys quietly
     _ldm_compatible_names: tuple[str, ...] = ()
+    # **kwargs of __init__ takes the "hidden" config keys of compatible classes (see _accept_hidden_keys)
+    ignore_for_config = ["kwargs"]
+    # config keys whose value follows the other one: overriding one in from_config re-derives its partner
+    _linked_config_keys: dict[str, str] = {}
 
     @classmethod
     def _get_compatibles(cls):
@@ -71,18 +105,64 @@ class LDMScheduleMixin:
 
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
-        """``ConfigMixin.from_config``, then re-derive the keys that diffusers' "hidden" config entries may have
-        overwritten (see ``_derived_config``)."""
-        out = super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
-        scheduler = out[0] if return_unused_kwargs else out
-        derived = scheduler._derived_config()
-        if derived:
-            scheduler.register_to_config(**derived)
-        return out
+        """``ConfigMixin.from_config``, with three additions:
 
-    def _derived_config(self) -> dict[str, Any]:
-        """Config entries that are not ``__init__`` arguments but are computed from them (for stock diffusers)."""
-        return {}
+        - a config of a stock diffusers scheduler keeps *its* meaning: keys it left at its defaults (listed in the
+          in-memory ``_use_default_values``) take the stock class's defaults, not this class's (diffusers would
+          use ours: huggingface/diffusers#7626; e.g. ``beta_schedule`` "linear" vs our "scaled_linear");
+        - overriding one of two linked keys (``v_posterior``/``variance_type``) re-derives the other;
+        - options of the stock counterpart class that this class does not implement are named in one warning
+          when their value differs from what this class does (see ``_unimplemented_options``).
+        """
+        values = dict(kwargs)
+        if isinstance(config, Mapping):
+            config = dict(config)
+            foreign = not _is_ldm_config(config)
+            if foreign:
+                config = _with_source_defaults(cls, config)
+                values = {**config, **kwargs}
+            for key, partner in cls._linked_config_keys.items():
+                if key in kwargs and partner not in kwargs:
+                    config.pop(partner, None)
+        scheduler, unused = super().from_config(config, return_unused_kwargs=True, **kwargs)
+        scheduler._warn_unimplemented(values, stacklevel=3)
+        return (scheduler, unused) if return_unused_kwargs else scheduler
+
+    @classmethod
+    def _compatible_config_keys(cls) -> frozenset[str]:
+        keys = set()
+        for klass in cls._get_compatibles():
+            keys |= set(_init_defaults(klass))
+        return frozenset(keys - set(_init_defaults(cls)))
+
+    def _accept_hidden_keys(self, kwargs: dict[str, Any]) -> None:
+        """``__init__(**config)`` of a config that holds keys for compatible classes (diffusers' "hidden" entries,
+        which ``from_config`` keeps for them): keep them in the config; any other key is a ``TypeError``."""
+        unknown = sorted(set(kwargs) - self._compatible_config_keys())
+        if unknown:
+            raise TypeError(f"{type(self).__name__}: unexpected keyword arguments {', '.join(unknown)}")
+        if not kwargs:
+            return
+        # a splat of one of our own configs passes ldm_beta_schedule; other callers mean diffusers' options
+        from_ldm_config = "ldm_beta_schedule" not in (self.config.get("_use_default_values") or [])
+        self.register_to_config(**kwargs)
+        if not from_ldm_config:
+            self._warn_unimplemented(kwargs, stacklevel=6)  # the caller of __init__ (through register_to_config)
+
+    def _unimplemented_options(self, values: Mapping[str, Any]) -> list[str]:
+        """``key=value`` of the stock counterpart's options that this class ignores, where the value differs from
+        what this class does."""
+        return []
+
+    def _warn_unimplemented(self, values: Mapping[str, Any], stacklevel: int) -> None:
+        ignored = self._unimplemented_options(values)
+        if ignored:
+            warnings.warn(
+                f"{type(self).__name__}: diffusers options not implemented by the original sampler are ignored: "
+                f"{'; '.join(ignored)}",
+                UserWarning,
+                stacklevel=stacklevel,
+            )
 
     def _init_schedule(
         self,
@@ -96,6 +176,7 @@ class LDMScheduleMixin:
         ldm_beta_schedule: str | None,
         prediction_type: str,
         v_posterior: float = 0.0,
+        rescale_betas_zero_snr: bool = False,
     ) -> None:
         check_prediction_type(prediction_type)
         v_posterior = float(v_posterior)
@@ -114,6 +195,8 @@ class LDMScheduleMixin:
         )
         if normalised:
             self.register_to_config(**normalised)
+        if rescale_betas_zero_snr:  # after trained_betas, as diffusers: the config keeps the betas before rescaling
+            betas64 = rescale_zero_terminal_snr(betas64)
         arrays = ldm_schedule_arrays(betas64, v_posterior)
         self._alphas_cumprod64 = arrays["alphas_cumprod"]
         self._v_posterior = v_posterior
@@ -125,10 +208,10 @@ class LDMScheduleMixin:
         self.alphas_cumprod = self._buffers["alphas_cumprod"].clone()
         self.init_noise_sigma = 1.0
 
-    def _finish_init(self) -> None:
-        derived = self._derived_config()
+    def _finish_init(self, hidden: dict[str, Any]) -> None:
+        self._accept_hidden_keys(hidden)
         # every key is now explicit, so diffusers' from_config keeps them all (instead of the target's defaults)
-        self.register_to_config(**derived, _use_default_values=[])
+        self.register_to_config(_use_default_values=[])
 
     # ------------------------------------------------------------------ buffers
     def ldm_buffers(self) -> dict[str, torch.Tensor]:
@@ -208,3 +291,53 @@ class LDMScheduleMixin:
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
+
+
+def _is_ldm_config(config: Mapping[str, Any]) -> bool:
+    """A config written by one of the ldm_compat schedulers (its keys have LDM meaning, e.g. ``clip_sample`` is the
+    original DDPM's ``clip_denoised``)."""
+    return config.get("_class_name") in LDM_SCHEDULER_NAMES or "ldm_beta_schedule" in config
+
+
+def _with_source_defaults(cls, config: dict[str, Any]) -> dict[str, Any]:
+    """Fill the keys a stock scheduler left at its defaults with that scheduler's defaults."""
+    used = list(config.get("_use_default_values") or [])
+    if not used:
+        return config
+    source = _source_class(cls, config, used)
+    if source is None:
+        return config  # unknown origin: diffusers' rule (this class's defaults) applies
+    defaults = _init_defaults(source)
+    config.update({k: defaults[k] for k in used if k in defaults})
+    config["_use_default_values"] = [k for k in used if k not in defaults]
+    return config
+
+
+def _source_class(cls, config: Mapping[str, Any], used: list[str]):
+    """The stock diffusers class that wrote an in-memory config: by ``_class_name``, else the compatible class whose
+    ``__init__`` keys are among the config's keys and cover its ``_use_default_values`` (unique, or all agreeing on
+    those defaults)."""
+    import diffusers
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+    name = config.get("_class_name")
+    if isinstance(name, str) and name not in LDM_SCHEDULER_NAMES:
+        klass = getattr(diffusers, name, None)
+        return klass if isinstance(klass, type) and issubclass(klass, SchedulerMixin) else None
+    keys = {k for k in config if not k.startswith("_")}
+    candidates = []
+    for klass in cls._get_compatibles():
+        if klass.__name__ in LDM_SCHEDULER_NAMES:
+            continue
+        init_keys = set(_init_defaults(klass))
+        if init_keys <= keys and set(used) <= init_keys:
+            candidates.append(klass)
+    exact = [k for k in candidates if set(_init_defaults(k)) == keys]
+    if len(exact) == 1:
+        return exact[0]
+    if candidates and all(
+        {k: _init_defaults(c)[k] for k in used} == {k: _init_defaults(candidates[0])[k] for k in used}
+        for c in candidates
+    ):
+        return candidates[0]
+    return None

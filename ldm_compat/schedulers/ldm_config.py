@@ -215,13 +215,19 @@ def config_to_ldm_params(config: Mapping) -> dict[str, Any]:
     """The original ``model.params`` schedule keys for a scheduler config (the inverse of ``ldm_params_to_config``).
 
     Returns ``timesteps, beta_schedule, linear_start, linear_end, cosine_s, [given_betas], v_posterior,
-    parameterization, clip_denoised, log_every_t`` as plain Python values, ready for a YAML file.
+    parameterization, clip_denoised, log_every_t`` as plain Python values, ready for a YAML file. With
+    ``rescale_betas_zero_snr`` they describe the schedule before rescaling (the original has no such option).
     """
     ldm_schedule = config.get("ldm_beta_schedule")
     trained = config.get("trained_betas")
     if ldm_schedule is None and trained is None:
         ldm_schedule = LDM_OF_DIFFUSERS_SCHEDULE[config["beta_schedule"]]
     clip_sample = bool(config.get("clip_sample", True))
+    if config.get("thresholding"):
+        raise ValueError(
+            "thresholding=True: the original has no dynamic thresholding (clip_denoised clamps to [-1, 1]); use a "
+            "scheduler with thresholding=False for the original config"
+        )
     if clip_sample and float(config.get("clip_sample_range", 1.0)) != 1.0:
         raise ValueError(
             f"clip_sample_range={config['clip_sample_range']}: the original clips to [-1, 1] only (clip_denoised)"

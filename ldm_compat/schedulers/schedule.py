@@ -103,6 +103,35 @@ def check_betas(betas: np.ndarray, name: str = "trained_betas") -> np.ndarray:
     return array
 
 
+def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """Betas rescaled to zero terminal SNR (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are
+    Flawed", Algorithm 1) — diffusers' ``rescale_zero_terminal_snr``, computed in float64 like the rest of the
+    schedule (diffusers runs it in float32).
+
+    √ᾱ is shifted so that its last value is 0 and scaled so that its first value is unchanged; the last beta becomes
+    exactly 1 (ᾱ_{T-1} = 0).
+    """
+    betas = np.asarray(betas, dtype=np.float64)
+    root = np.sqrt(np.cumprod(1.0 - betas))
+    first, last = root[0], root[-1]
+    if not first > last:
+        raise ValueError(
+            "rescale_betas_zero_snr: the schedule's ᾱ must decrease from its first to its last step "
+            f"(√ᾱ goes from {first:.6g} to {last:.6g})"
+        )
+    root = (root - last) * (first / (first - last))
+    alphas_cumprod = root**2
+    with np.errstate(divide="ignore", invalid="ignore"):  # a zero ᾱ before the end gives nan, caught by check_betas
+        alphas = np.concatenate([alphas_cumprod[:1], alphas_cumprod[1:] / alphas_cumprod[:-1]])
+    return check_betas(1.0 - alphas, "rescale_betas_zero_snr")
+
+
+def is_zero_terminal_snr(alphas_cumprod) -> bool:
+    """Whether a schedule ends at ᾱ = 0 exactly (as ``rescale_zero_terminal_snr`` leaves it)."""
+    values = torch.as_tensor(alphas_cumprod)
+    return values.numel() > 0 and float(values.reshape(-1)[-1]) == 0.0
+
+
 def ldm_schedule_arrays(betas: np.ndarray, v_posterior: float = 0.0) -> dict[str, np.ndarray]:
     """``register_schedule`` in float64: the 12 buffers before the float32 cast, plus ``alphas`` (not stored)."""
     betas = np.asarray(betas, dtype=np.float64)
@@ -169,14 +198,17 @@ def ddim_intermediate_steps(num_steps: int, log_every_t: int = 100) -> list[int]
 DDIM_DISCRETIZATIONS = ("uniform", "quad")
 
 
-def make_ddim_timesteps(discretize: str, num_ddim_timesteps: int, num_ddpm_timesteps: int) -> np.ndarray:
-    """The original ``make_ddim_timesteps`` (ascending, int64), including its ``+ 1`` shift.
+def make_ddim_timesteps(
+    discretize: str, num_ddim_timesteps: int, num_ddpm_timesteps: int, steps_offset: int = 1
+) -> np.ndarray:
+    """The original ``make_ddim_timesteps`` (ascending, int64), including its ``+ 1`` shift (``steps_offset``).
 
     ``uniform``: ``range(0, T, T // S) + 1``: with ``T % S != 0`` this has ``ceil(T / (T // S))`` entries, more than
     ``S``. ``quad``: ``int(linspace(0, √(0.8·T), S)²) + 1`` (may repeat small timesteps, as the original).
-    Timesteps that would index past the schedule (the original crashed with an IndexError) raise ``ValueError``.
+    ``steps_offset`` replaces the original's ``+ 1`` (diffusers' name for it). Timesteps that would index past the
+    schedule (the original crashed with an IndexError) raise ``ValueError``.
     """
-    steps, total = int(num_ddim_timesteps), int(num_ddpm_timesteps)
+    steps, total, offset = int(num_ddim_timesteps), int(num_ddpm_timesteps), int(steps_offset)
     if steps < 1 or steps > total:
         raise ValueError(f"num_inference_steps={steps}: expected 1 ≤ steps ≤ num_train_timesteps={total}")
     if discretize == "uniform":
@@ -185,14 +217,32 @@ def make_ddim_timesteps(discretize: str, num_ddim_timesteps: int, num_ddpm_times
         timesteps = ((np.linspace(0, np.sqrt(total * 0.8), steps)) ** 2).astype(np.int64)
     else:
         raise ValueError(f"ddim_discretize={discretize!r}: expected one of {DDIM_DISCRETIZATIONS}")
-    timesteps = timesteps + 1  # the original's shift ("to get the final alpha values right")
+    timesteps = timesteps + offset  # the original's + 1 ("to get the final alpha values right")
     if timesteps.max() >= total:
+        hint = "T // steps does not divide T - 1" if offset == 1 else "the grid stays below T"
         raise ValueError(
-            f"num_inference_steps={steps}: the original DDIM grid range(0, {total}, {total // steps}) + 1 reaches "
-            f"t={int(timesteps.max())}, past the last training timestep {total - 1} (the original fails here too); "
-            "choose a number of steps for which T // steps does not divide T - 1"
+            f"num_inference_steps={steps}: the original DDIM grid range(0, {total}, {total // steps}) + {offset} "
+            f"reaches t={int(timesteps.max())}, past the last training timestep {total - 1} (the original fails here "
+            f"too); choose a number of steps for which {hint}"
         )
     return timesteps
+
+
+DIFFUSERS_SPACINGS = ("leading", "linspace", "trailing")
+
+
+def diffusers_spaced_timesteps(spacing: str, num_steps: int, num_train_timesteps: int) -> np.ndarray:
+    """diffusers' ``linspace`` / ``trailing`` timesteps (descending, int64), as DDPMScheduler/DDIMScheduler make them.
+
+    ``linspace``: ``round(linspace(0, T-1, n))``; ``trailing``: ``round(arange(T, 0, -T/n)) - 1`` (starts at T-1).
+    ``leading`` depends on the scheduler (the original DDIM grid, or strided DDPM) and is not made here.
+    """
+    n, total = int(num_steps), int(num_train_timesteps)
+    if spacing == "linspace":
+        return np.linspace(0, total - 1, n).round()[::-1].astype(np.int64)
+    if spacing == "trailing":
+        return (np.round(np.arange(total, 0, -total / n)).astype(np.int64) - 1)[:n]
+    raise ValueError(f"timestep_spacing={spacing!r}: expected 'linspace' or 'trailing' here")
 
 
 def match_buffers(

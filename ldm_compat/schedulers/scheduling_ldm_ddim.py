@@ -14,9 +14,15 @@ from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
-from .common import LDMScheduleMixin, as_timestep_tensor, compute_dtype
+from .common import LDMScheduleMixin, as_timestep_tensor, check_thresholding, compute_dtype, threshold_sample
 from .ldm_config import ldm_params_to_config
-from .schedule import DDIM_DISCRETIZATIONS, ddim_intermediate_steps, make_ddim_timesteps
+from .schedule import (
+    DDIM_DISCRETIZATIONS,
+    DIFFUSERS_SPACINGS,
+    ddim_intermediate_steps,
+    diffusers_spaced_timesteps,
+    make_ddim_timesteps,
+)
 
 __all__ = ["LDMDDIMScheduler", "DDIMSchedulerOutput", "stock_ddim_overrides", "SchedulerMixin", "ConfigMixin"]
 
@@ -48,6 +54,15 @@ class LDMDDIMScheduler(LDMScheduleMixin, SchedulerMixin, ConfigMixin):
         ddim_discretize: ``"uniform"`` (what ``DDIMSampler.sample`` uses) or ``"quad"`` — the original
             ``ddim_discretize`` of ``make_schedule``.
         ldm_bug_compat: reproduce the original's treatment of x0 model outputs as eps.
+        timestep_spacing: ``"leading"``: the original grid (``ddim_discretize``); ``"linspace"`` / ``"trailing"``:
+            diffusers' ``DDIMScheduler`` grids, stepping to ``t - T // S`` as it does (uniform only).
+        steps_offset: the original's ``+ 1`` shift of the grid (``"leading"`` only), diffusers' name.
+        set_alpha_to_one: the last step goes to ᾱ = 1 instead of the original's ``alphas_cumprod[0]``.
+        thresholding, dynamic_thresholding_ratio, sample_max_value: diffusers' dynamic thresholding of x̂0 (the
+            noise direction keeps the model's ε, as ``DDIMScheduler``). Not in the original.
+        rescale_betas_zero_snr: zero terminal SNR betas, as in ``LDMDDPMScheduler``. Not in the original.
+        **kwargs: config keys of compatible schedulers (kept in the config for them). ``clip_sample=True`` from a
+            diffusers config is not implemented (the original DDIMSampler never clips) and is named in a warning.
     """
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
@@ -67,9 +82,27 @@ class LDMDDIMScheduler(LDMScheduleMixin, SchedulerMixin, ConfigMixin):
         ldm_beta_schedule: str | None = None,
         ddim_discretize: str = "uniform",
         ldm_bug_compat: bool = False,
+        timestep_spacing: str = "leading",
+        steps_offset: int = 1,
+        set_alpha_to_one: bool = False,
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        sample_max_value: float = 1.0,
+        rescale_betas_zero_snr: bool = False,
+        **kwargs,
     ):
         if ddim_discretize not in DDIM_DISCRETIZATIONS:
             raise ValueError(f"ddim_discretize={ddim_discretize!r}: expected one of {DDIM_DISCRETIZATIONS}")
+        if timestep_spacing not in DIFFUSERS_SPACINGS:
+            raise ValueError(f"timestep_spacing={timestep_spacing!r}: expected one of {DIFFUSERS_SPACINGS}")
+        if timestep_spacing != "leading" and ddim_discretize != "uniform":
+            raise ValueError(
+                f"timestep_spacing={timestep_spacing!r} with ddim_discretize={ddim_discretize!r}: the 'quad' grid is "
+                "the original's own; use timestep_spacing='leading' with it"
+            )
+        if int(steps_offset) != steps_offset or steps_offset < 0:
+            raise ValueError(f"steps_offset={steps_offset}: expected an integer ≥ 0")
+        check_thresholding(dynamic_thresholding_ratio, sample_max_value)
         self._init_schedule(
             num_train_timesteps=num_train_timesteps,
             beta_start=beta_start,
@@ -79,12 +112,20 @@ class LDMDDIMScheduler(LDMScheduleMixin, SchedulerMixin, ConfigMixin):
             cosine_s=cosine_s,
             ldm_beta_schedule=ldm_beta_schedule,
             prediction_type=prediction_type,
+            rescale_betas_zero_snr=rescale_betas_zero_snr,
         )
         self.num_inference_steps = None
         self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1, dtype=torch.int64)
         self._step_params = None
         self._step_index = None
-        self._finish_init()
+        self._finish_init(kwargs)
+
+    def _unimplemented_options(self, values) -> list[str]:
+        # diffusers' DDIMScheduler ignores clip_sample when thresholding; the original DDIMSampler never clips
+        thresholding = values.get("thresholding", self.config.thresholding)
+        if values.get("clip_sample") and not thresholding:
+            return ["clip_sample=True (the original DDIMSampler never clips x̂0; thresholding=True is available)"]
+        return []
 
     @classmethod
     def from_ldm_config(cls, params: Mapping, **overrides) -> LDMDDIMScheduler:
@@ -93,12 +134,33 @@ class LDMDDIMScheduler(LDMScheduleMixin, SchedulerMixin, ConfigMixin):
 
         config = ldm_params_to_config(model_params(params))
         config.update(overrides)
+        config.setdefault("_class_name", "LDMDDPMScheduler")  # LDM meanings (clip_sample is clip_denoised)
         return cls.from_config(config)
 
     # ------------------------------------------------------------------ timesteps
+    def _grid(self, num_inference_steps: int) -> tuple[np.ndarray, np.ndarray]:
+        """Ascending grid timesteps and the float64 ᾱ each step goes to."""
+        T = self.config.num_train_timesteps
+        ac = self._buffers["alphas_cumprod"]
+        final = 1.0 if self.config.set_alpha_to_one else float(ac[0])
+        if self.config.timestep_spacing == "leading":
+            steps = make_ddim_timesteps(
+                self.config.ddim_discretize, num_inference_steps, T, steps_offset=self.config.steps_offset
+            )
+            # the original's alphas_prev: ᾱ[0] first, then the previous grid points — as float64 numbers
+            return steps, np.asarray([final] + ac[steps[:-1]].tolist(), dtype=np.float64)
+        n = int(num_inference_steps)
+        if not 1 <= n <= T:
+            raise ValueError(f"num_inference_steps={n}: expected 1 ≤ steps ≤ num_train_timesteps={T}")
+        steps = diffusers_spaced_timesteps(self.config.timestep_spacing, n, T)[::-1].copy()
+        prev = steps - T // n  # diffusers' DDIMScheduler steps back T // S, whatever the spacing
+        a_prev = [float(ac[s]) if s >= 0 else final for s in prev.tolist()]
+        return steps, np.asarray(a_prev, dtype=np.float64)
+
     def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None) -> None:
         """The original ``make_schedule``: ``num_inference_steps`` is ``DDIMSampler.sample``'s ``S``; ``None`` means
-        every training step ``T-1, …, 0`` with ``ᾱ_prev`` ending at 1 (``ddim_use_original_steps=True``)."""
+        every training step ``T-1, …, 0`` with ``ᾱ_prev`` ending at 1 (``ddim_use_original_steps=True``).
+        ``timestep_spacing``, ``steps_offset`` and ``set_alpha_to_one`` apply to ``S`` steps."""
         T = self.config.num_train_timesteps
         ac = self._buffers["alphas_cumprod"]
         if num_inference_steps is None:
@@ -111,10 +173,8 @@ class LDMDDIMScheduler(LDMScheduleMixin, SchedulerMixin, ConfigMixin):
             acp = self._buffers["alphas_cumprod_prev"]
             sigma_unit = torch.sqrt((1 - acp) / (1 - ac) * (1 - ac / acp))[steps]
         else:
-            steps = make_ddim_timesteps(self.config.ddim_discretize, num_inference_steps, T)
+            steps, a_prev64 = self._grid(num_inference_steps)
             a_t = ac[steps]
-            # the original's alphas_prev: ᾱ[0] first, then the previous grid points — as float64 numbers
-            a_prev64 = np.asarray([float(ac[0])] + ac[steps[:-1]].tolist(), dtype=np.float64)
             a_t64 = a_t.double().numpy()
             # as the original's mixed numpy/torch expression `(1 - ᾱ_prev) / (1 - ᾱ_t)`: a float64 array divided by a
             # float32 tensor runs Tensor.__rtruediv__, i.e. a float32 reciprocal (torch's, on the same vector)
@@ -168,12 +228,14 @@ class LDMDDIMScheduler(LDMScheduleMixin, SchedulerMixin, ConfigMixin):
         return_dict: bool = True,
         temperature: float = 1.0,
         noise_dropout: float = 0.0,
+        use_clipped_model_output: bool = False,
     ) -> DDIMSchedulerOutput | tuple:
         """One step of the original ``p_sample_ddim`` (bit-equal in float32).
 
         ``eta``, ``temperature`` and ``noise_dropout`` are the original sampler's options. ``variance_noise``
         replaces the drawn noise; without it, noise is drawn with ``generator`` at every step (also when
-        ``eta == 0``), consuming random numbers like the original.
+        ``eta == 0``), consuming random numbers like the original. With ``thresholding``, x̂0 is thresholded;
+        ``use_clipped_model_output`` (diffusers' option) then re-derives ε from it.
         """
         if self._step_params is None:
             raise ValueError("step: call set_timesteps first")
@@ -209,6 +271,10 @@ class LDMDDIMScheduler(LDMScheduleMixin, SchedulerMixin, ConfigMixin):
         else:
             pred_x0 = out
             e_t = (x - a_t.sqrt() * pred_x0) / sqrt_one_minus_at
+        if self.config.thresholding:
+            pred_x0 = threshold_sample(pred_x0, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
+            if use_clipped_model_output:
+                e_t = (x - a_t.sqrt() * pred_x0) / sqrt_one_minus_at
 
         dir_xt = (1.0 - a_prev - sigma_t**2).sqrt() * e_t
         if variance_noise is None:

@@ -13,13 +13,50 @@ from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
-from .common import LDMScheduleMixin, extract
+from .common import LDMScheduleMixin, check_thresholding, extract, threshold_sample
 from .ldm_config import config_to_ldm_params, ldm_params_to_config
-from .schedule import LDM_BUFFER_NAMES, POSTERIOR_LOG_VARIANCE_FLOOR, ldm_intermediate_timesteps, match_buffers
+from .schedule import (
+    DIFFUSERS_SPACINGS,
+    LDM_BUFFER_NAMES,
+    POSTERIOR_LOG_VARIANCE_FLOOR,
+    diffusers_spaced_timesteps,
+    is_zero_terminal_snr,
+    ldm_intermediate_timesteps,
+    match_buffers,
+)
 
-__all__ = ["LDMDDPMScheduler", "DDPMSchedulerOutput", "SchedulerMixin", "ConfigMixin"]
+__all__ = ["LDMDDPMScheduler", "DDPMSchedulerOutput", "SchedulerMixin", "ConfigMixin", "resolve_variance_type"]
 
-TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
+TIMESTEP_SPACINGS = DIFFUSERS_SPACINGS
+VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large")
+_REFUSED_VARIANCE_TYPES = {
+    "fixed_large_log": "diffusers' DDPMScheduler.step takes the square root of log β for it, which is NaN",
+    "learned": "it needs a UNet that predicts its variance; the original DDPM has fixed variances",
+    "learned_range": "it needs a UNet that predicts its variance; the original DDPM has fixed variances",
+}
+
+
+def resolve_variance_type(variance_type: str | None, v_posterior: float) -> tuple[str | None, float]:
+    """``(variance_type, v_posterior)`` as the config keeps them: the original's ``v_posterior`` weight of the
+    posterior variance ``(1-v)·β̃ + v·β`` is 0 for ``fixed_small``/``fixed_small_log`` and 1 for ``fixed_large``.
+
+    ``variance_type=None`` derives the name from ``v_posterior`` (``None`` for 0 < v < 1, which diffusers cannot
+    name); ``fixed_large`` sets ``v_posterior`` to 1; a contradicting pair raises ``ValueError``.
+    """
+    v = float(v_posterior)
+    if variance_type is None:
+        return {0.0: "fixed_small_log", 1.0: "fixed_large"}.get(v), v
+    if variance_type in _REFUSED_VARIANCE_TYPES:
+        raise ValueError(f"variance_type={variance_type!r} is not supported: {_REFUSED_VARIANCE_TYPES[variance_type]}")
+    if variance_type not in VARIANCE_TYPES:
+        raise ValueError(f"variance_type={variance_type!r}: expected one of {VARIANCE_TYPES} or None")
+    wanted = 1.0 if variance_type == "fixed_large" else 0.0
+    if v not in (0.0, wanted):
+        raise ValueError(
+            f"variance_type={variance_type!r} contradicts v_posterior={v} (the original's v_posterior is 0 for "
+            "fixed_small/fixed_small_log and 1 for fixed_large); pass one of them"
+        )
+    return variance_type, wanted
 
 
 class LDMDDPMScheduler(LDMScheduleMixin, SchedulerMixin, ConfigMixin):
@@ -48,10 +85,20 @@ class LDMDDPMScheduler(LDMScheduleMixin, SchedulerMixin, ConfigMixin):
             ``squaredcos_cap_v2``); ``None`` means derived from ``beta_schedule``, or "given betas" when
             ``trained_betas`` is set. When set, it decides the formula.
         log_every_t: the original ``log_every_t`` (see ``intermediate_timesteps``).
+        variance_type: diffusers' name of the noise variance: ``"fixed_small"``/``"fixed_small_log"`` (the posterior
+            variance β̃, the original's ``v_posterior=0``) or ``"fixed_large"`` (β, ``v_posterior=1``); ``None``
+            derives it from ``v_posterior``. Either way the noise is the original's
+            ``exp(½·posterior_log_variance_clipped)·z``. Learned variances are refused.
+        thresholding, dynamic_thresholding_ratio, sample_max_value: diffusers' dynamic thresholding of x̂0 (replaces
+            ``clip_sample`` when on). Not in the original.
+        rescale_betas_zero_snr: rescale the betas to zero terminal SNR (diffusers' ``rescale_zero_terminal_snr``,
+            here in float64). Not in the original; export writes the rescaled buffers (see docs/scheduler.md).
+        **kwargs: config keys of compatible schedulers (kept in the config for them, as ``from_config`` does).
     """
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
     _ldm_compatible_names = ("LDMDDIMScheduler",)
+    _linked_config_keys = {"v_posterior": "variance_type", "variance_type": "v_posterior"}
     order = 1
 
     @register_to_config
@@ -70,6 +117,12 @@ class LDMDDPMScheduler(LDMScheduleMixin, SchedulerMixin, ConfigMixin):
         cosine_s: float = 8e-3,
         ldm_beta_schedule: str | None = None,
         log_every_t: int = 100,
+        variance_type: str | None = None,
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        sample_max_value: float = 1.0,
+        rescale_betas_zero_snr: bool = False,
+        **kwargs,
     ):
         if timestep_spacing not in TIMESTEP_SPACINGS:
             raise ValueError(f"timestep_spacing={timestep_spacing!r}: expected one of {TIMESTEP_SPACINGS}")
@@ -77,6 +130,9 @@ class LDMDDPMScheduler(LDMScheduleMixin, SchedulerMixin, ConfigMixin):
             raise ValueError(f"log_every_t={log_every_t}: expected a positive integer")
         if float(clip_sample_range) <= 0:
             raise ValueError(f"clip_sample_range={clip_sample_range}: expected a positive number")
+        check_thresholding(dynamic_thresholding_ratio, sample_max_value)
+        variance_type, v_posterior = resolve_variance_type(variance_type, v_posterior)
+        self.register_to_config(variance_type=variance_type, v_posterior=v_posterior)
         self._init_schedule(
             num_train_timesteps=num_train_timesteps,
             beta_start=beta_start,
@@ -87,14 +143,16 @@ class LDMDDPMScheduler(LDMScheduleMixin, SchedulerMixin, ConfigMixin):
             ldm_beta_schedule=ldm_beta_schedule,
             prediction_type=prediction_type,
             v_posterior=v_posterior,
+            rescale_betas_zero_snr=rescale_betas_zero_snr,
         )
         self.set_timesteps()
-        self._finish_init()
+        self._finish_init(kwargs)
 
-    def _derived_config(self) -> dict[str, Any]:
-        # for stock DDPMScheduler.from_config: v_posterior 0 is "fixed_small_log" (the same clipped-log arithmetic),
-        # 1 is "fixed_large"; values in between have no diffusers equivalent (they fall back to the v=0 variance)
-        return {"variance_type": "fixed_large" if self._v_posterior == 1.0 else "fixed_small_log"}
+    def _unimplemented_options(self, values) -> list[str]:
+        offset = values.get("steps_offset", 0)
+        if offset is not None and int(offset) != 0:
+            return [f"steps_offset={offset} (strided sampling here starts its leading grid at 0)"]
+        return []
 
     # ------------------------------------------------------------------ construction from original configs
     @classmethod
@@ -138,17 +196,23 @@ class LDMDDPMScheduler(LDMScheduleMixin, SchedulerMixin, ConfigMixin):
         buffers = {name: state_dict[prefix + name] for name in LDM_BUFFER_NAMES if prefix + name in state_dict}
         if "betas" not in buffers:
             return cls.from_ldm_config(params)
-        try:
-            scheduler = cls.from_ldm_config(params)
-        except ValueError:
-            scheduler = None
-        if scheduler is not None and not match_buffers(scheduler.ldm_buffers(), buffers):
-            return scheduler
+        for overrides in zero_snr_candidates(buffers):
+            try:
+                scheduler = cls.from_ldm_config(params, **overrides)
+            except ValueError:
+                continue
+            if not match_buffers(scheduler.ldm_buffers(), buffers):
+                return scheduler
         return cls.from_betas(buffers["betas"], params)
 
     def to_ldm_config(self) -> dict[str, Any]:
         """The original ``model.params`` schedule keys (``timesteps, beta_schedule, linear_start, linear_end,
-        cosine_s, given_betas`` (when given), ``v_posterior, parameterization, clip_denoised, log_every_t``)."""
+        cosine_s, given_betas`` (when given), ``v_posterior, parameterization, clip_denoised, log_every_t``).
+
+        The original has no zero-SNR option: with ``rescale_betas_zero_snr`` these are the keys of the schedule
+        *before* rescaling (the original cannot take ``given_betas`` from a YAML list); the rescaled schedule
+        travels in the checkpoint's buffers, which the original's ``load_state_dict`` puts over the YAML's.
+        """
         return config_to_ldm_params(self.config)
 
     def schedule_mismatches(self, state_dict: Mapping[str, torch.Tensor], prefix: str = "") -> list[str]:
@@ -196,9 +260,7 @@ class LDMDDPMScheduler(LDMScheduleMixin, SchedulerMixin, ConfigMixin):
             return np.arange(T - 1, -1, -1, dtype=np.int64)
         if spacing == "leading":
             return (np.arange(0, n) * (T // n)).round()[::-1].astype(np.int64)
-        if spacing == "linspace":
-            return np.linspace(0, T - 1, n).round()[::-1].astype(np.int64)
-        return (np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1)[:n]
+        return diffusers_spaced_timesteps(spacing, n, T)
 
     def _set_step_coefficients(self, steps: np.ndarray) -> None:
         """Per-timestep posterior coefficients for the current timesteps (indexed by ``t``).
@@ -258,12 +320,20 @@ class LDMDDPMScheduler(LDMScheduleMixin, SchedulerMixin, ConfigMixin):
             return self.predict_start_from_z_and_v(sample, t, model_output)
         return model_output
 
+    def _clip_start(self, x_recon: torch.Tensor, clip: bool) -> torch.Tensor:
+        # as diffusers: dynamic thresholding, when on, replaces clipping
+        if self.config.thresholding:
+            return threshold_sample(x_recon, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
+        if clip:
+            return x_recon.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
+        return x_recon
+
     def p_mean_variance(self, model_output: torch.Tensor, sample: torch.Tensor, t, clip_denoised: bool | None = None):
         """The original ``p_mean_variance`` given the model output: ``(model_mean, posterior_variance,
-        posterior_log_variance)`` at the training step ``t → t-1``; ``clip_denoised`` defaults to ``clip_sample``."""
+        posterior_log_variance)`` at the training step ``t → t-1``; ``clip_denoised`` defaults to ``clip_sample``
+        (``thresholding``, when on, replaces it)."""
         x_recon = self.predict_start(model_output, sample, t)
-        if self.config.clip_sample if clip_denoised is None else clip_denoised:
-            x_recon = x_recon.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
+        x_recon = self._clip_start(x_recon, self.config.clip_sample if clip_denoised is None else clip_denoised)
         return self.q_posterior(x_recon, sample, t)
 
     def step(
@@ -277,8 +347,9 @@ class LDMDDPMScheduler(LDMScheduleMixin, SchedulerMixin, ConfigMixin):
     ) -> DDPMSchedulerOutput | tuple:
         """One ancestral step ``x_t → x_{prev}`` — the original ``p_sample`` (bit-equal in float32 on full schedules).
 
-        x̂0 from the model output (eps, x0 or v), clamped when ``clip_sample``; the posterior mean with the
-        ``v_posterior`` variance; noise ``exp(½·log σ²)·z`` except where ``t == 0``. ``timestep``: an int or a
+        x̂0 from the model output (eps, x0 or v), clamped when ``clip_sample`` (or dynamically thresholded when
+        ``thresholding``); the posterior mean with the ``v_posterior`` variance; noise ``exp(½·log σ²)·z`` except
+        where ``t == 0``. ``timestep``: an int or a
         ``(batch,)`` tensor (one timestep per batch element). ``variance_noise`` replaces the drawn ``z``; without
         it, ``z`` is drawn with ``generator`` — at every step, also ``t == 0``, consuming random numbers like the
         original. Half-precision inputs are computed in float32 and returned in their dtype.
@@ -287,9 +358,7 @@ class LDMDDPMScheduler(LDMScheduleMixin, SchedulerMixin, ConfigMixin):
         prev = self._prev_timestep[t.cpu()]
         if bool((prev == -2).any()):
             raise ValueError(f"timestep={t.tolist()}: not among the current sampling timesteps (see set_timesteps)")
-        x_recon = self.predict_start(out, x_t, t)
-        if self.config.clip_sample:
-            x_recon = x_recon.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
+        x_recon = self._clip_start(self.predict_start(out, x_t, t), self.config.clip_sample)
         coefs = {k: v.to(x_t.device, x_t.dtype) for k, v in self._step_coefficients.items()}
         mean = extract(coefs["coef1"], t, x_t.ndim) * x_recon + extract(coefs["coef2"], t, x_t.ndim) * x_t
         if variance_noise is None:
@@ -303,3 +372,13 @@ class LDMDDPMScheduler(LDMScheduleMixin, SchedulerMixin, ConfigMixin):
         if not return_dict:
             return (prev_sample, x_recon)
         return DDPMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x_recon)
+
+
+def zero_snr_candidates(buffers) -> list[dict[str, Any]]:
+    """Scheduler overrides to try when matching a checkpoint's schedule buffers against a config: a schedule that
+    ends at ᾱ = 0 may be the config's schedule rescaled to zero terminal SNR (which the original's YAML cannot
+    say)."""
+    candidates: list[dict[str, Any]] = [{}]
+    if "alphas_cumprod" in buffers and is_zero_terminal_snr(buffers["alphas_cumprod"]):
+        candidates.append({"rescale_betas_zero_snr": True})
+    return candidates
