@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 from reference_cases import CASES, load_case
-from schedule_traces import META, TRACE_ATOL, max_abs, synthetic_model, trace_tensors
+from schedule_traces import META, max_abs, synthetic_model, trace_atol, trace_tensors
 
 from ldm_compat import LDMDDIMScheduler, LDMDDPMScheduler
 from ldm_compat.schedulers import stock_ddim_overrides
@@ -43,10 +43,12 @@ def replay_ddim(name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tens
 def test_matches_original_ddim_sampler(name):
     # traces stored on another machine: float32 tolerance, see schedule_traces.TRACE_ATOL; in float64 the chain is
     # free of float32 rounding and the traces lie within the same tolerance of it
-    tensors = trace_tensors()
+    keys = ("sample", "x_inter", "pred_x0")
+    expected = [trace_tensors()[f"ddim.{name}.{key}"] for key in keys]
+    atol = trace_atol(len(trace_tensors()[f"ddim.{name}.timesteps"]), *expected)
     for dtype in (torch.float32, torch.float64):
-        for key, got in zip(("sample", "x_inter", "pred_x0"), replay_ddim(name, dtype)):
-            assert max_abs(got, tensors[f"ddim.{name}.{key}"]) <= TRACE_ATOL, (dtype, key)
+        for key, got, want in zip(keys, replay_ddim(name, dtype), expected):
+            assert max_abs(got, want) <= atol, (dtype, key)
 
 
 def test_draws_noise_like_the_original_without_variance_noise():
