@@ -12,9 +12,16 @@
 3. Checks the export against the generated checkpoint, key by key and bit for bit, then deletes every file it
    wrote (``--keep`` keeps them). The SD-size run needs ~21 GB of free disk (input, folder, export) and ~7 GB RAM.
 
+``--latent`` makes it a ``LatentDiffusion`` checkpoint in the SD-1.5 layout: the UNet with cross-attention, the
+first stage (``first_stage_model.*``, KL-f8 ``AutoencoderKL``: 83M parameters at ``sd15``) and the cond stage
+(``cond_stage_model.transformer.text_model.*``, ``FrozenCLIPEmbedder`` with the CLIP ViT-L/14 text tower: 123M, in
+the transformers-4.19 layout of real SD checkpoints, ``position_ids`` included); the YAML names a local ``version``
+folder the script writes (tokenizer files + the text config), as ``v1-inference.yaml`` names the Hub one. A
+``--size sd15 --latent`` checkpoint is 7.7 GB, as ``v1-5-pruned.ckpt``.
+
 Usage::
 
-    python benchmarks/bench_convert.py [--size sd15|cifar32|tiny] [--workdir DIR] [--json out.json]
+    python benchmarks/bench_convert.py [--size sd15|cifar32|tiny] [--latent] [--workdir DIR] [--json out.json]
 """
 
 from __future__ import annotations
@@ -43,24 +50,89 @@ DDPM_PARAMS = {
     "parameterization": "eps", "use_ema": True,
 }  # fmt: skip
 RESULT_PREFIX = "BENCH_CONVERT_RESULT "
+#: ``--latent``: the first stage (ddconfig, embed_dim), the CLIP text tower, and what the UNet gains (cross-attention)
+LATENT = {
+    "sd15": {  # v1-inference.yaml: KL-f8 first stage, openai/clip-vit-large-patch14 text tower
+        "ddconfig": {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                     "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0},
+        "clip": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+                 "projection_dim": 768},
+        "unet": {},  # the sd15 UNet already has its 768-wide cross-attention
+    },
+    "tiny": {
+        "ddconfig": {"double_z": True, "z_channels": 4, "resolution": 32, "in_channels": 3, "out_ch": 3, "ch": 32,
+                     "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0},
+        "clip": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                 "projection_dim": 32},
+        "unet": {"in_channels": 4, "out_channels": 4, "use_spatial_transformer": True, "context_dim": 32},
+    },
+}  # fmt: skip
+CLIP_VERSION = "clip_text"  # the local version folder, beside the YAML
+TOKENIZER_FILES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "ldm_reference_latent" / "tiny_clip"
 
 
-def unet_params(size: str) -> dict:
+def unet_params(size: str, latent: bool = False) -> dict:
     from bench_unet import MODELS
 
-    return dict(MODELS[size]["unet"])
+    return {**MODELS[size]["unet"], **(LATENT[size]["unet"] if latent else {})}
 
 
-def ddpm_config(size: str) -> dict:
-    params = unet_params(size)
+def ddpm_config(size: str, latent: bool = False) -> dict:
+    params = unet_params(size, latent)
     model = {**DDPM_PARAMS, "image_size": params["image_size"], "channels": params["in_channels"]}
     if params.get("context_dim") is not None:
         model["conditioning_key"] = "crossattn"
     model["unet_config"] = {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": params}
-    return {"model": {"base_learning_rate": 1e-4, "target": "ldm.models.diffusion.ddpm.DDPM", "params": model}}
+    target = "ldm.models.diffusion.ddpm.DDPM"
+    if latent:
+        target = "ldm.models.diffusion.ddpm.LatentDiffusion"
+        model.update(first_stage_key="jpg", cond_stage_key="txt", scale_factor=0.18215, cond_stage_trainable=False)
+        model["first_stage_config"] = {
+            "target": "ldm.models.autoencoder.AutoencoderKL",
+            "params": {
+                "embed_dim": 4,
+                "ddconfig": LATENT[size]["ddconfig"],
+                "lossconfig": {"target": "torch.nn.Identity"},
+            },
+        }
+        model["cond_stage_config"] = {
+            "target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder",
+            "params": {"version": CLIP_VERSION},
+        }
+    return {"model": {"base_learning_rate": 1e-4, "target": target, "params": model}}  # fmt: skip
 
 
-def generate_checkpoint(size: str, workdir: Path) -> tuple[Path, Path]:
+def _random(shapes: dict, g: torch.Generator) -> dict[str, torch.Tensor]:
+    return {k: torch.randn(s, generator=g) * 0.02 for k, s in shapes.items()}
+
+
+def latent_stage_tensors(size: str, config: dict, workdir: Path, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """Random ``first_stage_model.*`` + ``cond_stage_model.*`` in the original layout, and the CLIP version folder."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ldm_compat.models.first_stage import build_model, key_map, parse_first_stage_config
+
+    model = build_model(parse_first_stage_config(config["model"]["params"]["first_stage_config"]), device="meta")
+    shapes = model.state_dict()
+    first = {e.original: (*shapes[e.diffusers].shape, *((1, 1) if e.reshape else ())) for e in key_map(model)}
+    text_config = CLIPTextConfig(**LATENT[size]["clip"], max_position_embeddings=77, vocab_size=49408,
+                                 hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407)  # fmt: skip
+    with torch.device("meta"):
+        text = {k.removeprefix("text_model."): v.shape for k, v in CLIPTextModel(text_config).state_dict().items()}
+    folder = workdir / CLIP_VERSION
+    folder.mkdir()
+    text_config.save_pretrained(folder)
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(TOKENIZER_FILES / name, folder / name)
+    out = {f"first_stage_model.{k}": v for k, v in _random(first, g).items()}
+    # transformers 4.19 (what SD checkpoints were saved with): text_model.*, the position_ids buffer first
+    prefix = "cond_stage_model.transformer.text_model."
+    out[prefix + "embeddings.position_ids"] = torch.arange(77)[None]
+    out.update({prefix + k: v for k, v in _random(text, g).items()})
+    return out
+
+
+def generate_checkpoint(size: str, workdir: Path, latent: bool = False) -> tuple[Path, Path]:
     """Write ``model.ckpt`` + ``model.yaml`` (random weights, original key order) and return their paths."""
     import yaml
 
@@ -68,16 +140,20 @@ def generate_checkpoint(size: str, workdir: Path) -> tuple[Path, Path]:
     from ldm_compat.models.unet_ldm import LDMUNetModel
     from ldm_compat.schedulers.scheduling_ldm_ddpm import LDMDDPMScheduler
 
-    config = ddpm_config(size)
+    if latent and size not in LATENT:
+        raise SystemExit(f"--latent: only with --size {' or '.join(LATENT)}")
+    config = ddpm_config(size, latent)
     params = config["model"]["params"]
     with torch.device("meta"):  # shapes only; the values are drawn below
         shapes = {k: v.shape for k, v in LDMUNetModel(**params["unet_config"]["params"]).state_dict().items()}
     g = torch.Generator().manual_seed(0)
     state_dict = dict(LDMDDPMScheduler.from_ldm_config(params).ldm_buffers())
-    state_dict.update({UNET_PREFIX + k: torch.randn(s, generator=g) * 0.02 for k, s in shapes.items()})
+    state_dict.update({UNET_PREFIX + k: v for k, v in _random(shapes, g).items()})
     state_dict[EMA_PREFIX + "decay"] = torch.tensor(0.9999, dtype=torch.float32)
     state_dict[EMA_PREFIX + "num_updates"] = torch.tensor(1000, dtype=torch.int)
     state_dict.update({EMA_PREFIX + ema_buffer_name(k): torch.randn(s, generator=g) * 0.02 for k, s in shapes.items()})
+    if latent:
+        state_dict.update(latent_stage_tensors(size, config, workdir, g))
     ckpt, yaml_path = workdir / "model.ckpt", workdir / "model.yaml"
     torch.save({"state_dict": state_dict, "global_step": 1000, "epoch": 3}, ckpt)
     yaml_path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -175,9 +251,9 @@ def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def run(size: str, workdir: Path, verify: bool) -> dict:
+def run(size: str, workdir: Path, verify: bool, latent: bool = False) -> dict:
     t0 = time.perf_counter()
-    ckpt, config = generate_checkpoint(size, workdir)
+    ckpt, config = generate_checkpoint(size, workdir, latent)
     generate_s = time.perf_counter() - t0
     ckpt_bytes = ckpt.stat().st_size
     folder, exported = workdir / "pipeline", workdir / "export.ckpt"
@@ -189,7 +265,8 @@ def run(size: str, workdir: Path, verify: bool) -> dict:
         r["rss_increase_over_ckpt"] = (r["peak_rss_bytes"] - r["baseline_rss_bytes"]) / ckpt_bytes
         r["gb_per_s"] = ckpt_bytes / 1e9 / r["seconds"]
     report = {
-        "size": size, "ckpt_bytes": ckpt_bytes, "folder_bytes": dir_size(folder),
+        "size": size, "latent": latent, "components": sorted(p.name for p in folder.iterdir() if p.is_dir()),
+        "ckpt_bytes": ckpt_bytes, "folder_bytes": dir_size(folder),
         "export_bytes": exported.stat().st_size, "generate_seconds": generate_s, "convert": convert, "export": export,
     }  # fmt: skip
     if verify:
@@ -200,7 +277,8 @@ def run(size: str, workdir: Path, verify: bool) -> dict:
 def print_report(report: dict) -> None:
     m, r = report["machine"], report["result"]
     gb = 1e9
-    print(f"Conversion benchmark, --size {r['size']}, {m['device_name']}, torch {m['torch']}, load average "
+    size = r["size"] + (" --latent" if r.get("latent") else "")
+    print(f"Conversion benchmark, --size {size}, {m['device_name']}, torch {m['torch']}, load average "
           f"{m['loadavg_start']}; checkpoint {r['ckpt_bytes'] / gb:.2f} GB, folder {r['folder_bytes'] / gb:.2f} GB, "
           f"export {r['export_bytes'] / gb:.2f} GB\n")  # fmt: skip
     rows = [[phase, r[phase]["seconds"], r[phase]["gb_per_s"], r[phase]["peak_rss_bytes"] / gb,
@@ -209,6 +287,7 @@ def print_report(report: dict) -> None:
             for phase in ("convert", "export")]  # fmt: skip
     print(format_table(["phase", "seconds", "GB/s", "peak RSS GB", "RSS / ckpt", "peak anon GB", "anon / ckpt",
                         "RSS after imports GB", "(peak − imports) / ckpt"], rows))  # fmt: skip
+    print(f"folder parts: {', '.join(r.get('components', []))}")
     if "roundtrip" in r:
         rt = r["roundtrip"]
         print(f"\nround trip: {rt['keys']} keys, bit-identical: {rt['bit_identical']} "
@@ -218,6 +297,7 @@ def print_report(report: dict) -> None:
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", choices=SIZES, default="sd15", help="UNet of the generated checkpoint (default sd15)")
+    p.add_argument("--latent", action="store_true", help="a LatentDiffusion checkpoint with first and cond stage")
     p.add_argument("--workdir", default=None, help="where the files go (default: a new temporary folder)")
     p.add_argument("--keep", action="store_true", help="keep the generated files")
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the bit-exact round-trip check")
@@ -239,7 +319,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     workdir = Path(tempfile.mkdtemp(prefix="bench_convert_", dir=args.workdir))
     report = {"benchmark": "convert", "machine": machine(torch.device("cpu"))}
     try:
-        report["result"] = run(args.size, workdir, args.verify)
+        report["result"] = run(args.size, workdir, args.verify, args.latent)
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)

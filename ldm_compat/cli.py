@@ -64,7 +64,7 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", metavar="ORIGINAL", help="original .ckpt (read with weights_only) or .safetensors")
     p.add_argument("--config", default=None, help="the original YAML (default: infer the UNet config from weights)")
     p.add_argument("--output", required=True, metavar="DIR", help="pipeline folder to write (atomically)")
-    p.add_argument("--no-ema", action="store_true", help="sample with the training weights and drop the EMA")
+    p.add_argument("--no-ema", action="store_true", help="sample with the training weights (EMA kept for export)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--schedule-mismatch", choices=["error", "trained_betas"], default="error",
                    help="schedule buffers differ from the config: refuse, or use the checkpoint's betas")  # fmt: skip
@@ -72,6 +72,14 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-head-channels", type=int, default=None, help="without --config: channels per head")
     p.add_argument("--use-new-attention-order", action="store_true", help="without --config: qkv split order")
     p.add_argument("--image-size", type=int, default=None, help="without --config: sample size")
+    p.add_argument(
+        "--scale-factor",
+        type=float,
+        default=None,
+        help="without --config: LatentDiffusion's scale_factor (when the checkpoint has no buffer)",
+    )
+    p.add_argument("--tokenizer", default=None, metavar="PATH", help="cond stage tokenizer folder (overrides version)")
+    p.add_argument("--open-clip-config", default=None, metavar="PATH", help="open_clip model config JSON for arch")
     p.add_argument("--native", action="store_true",
                    help="also write a stock diffusers UNet2DModel/UNet2DConditionModel in DIR/native_unet")  # fmt: skip
 

@@ -63,10 +63,14 @@ class ReferenceCase:
 def load_case(name: str) -> ReferenceCase:
     if name not in CASES:
         raise KeyError(f"no reference case {name!r}; have {CASES}")
-    config = OmegaConf.to_container(OmegaConf.load(FIXTURES / f"{name}.yaml"), resolve=True)
-    checkpoint = torch.load(FIXTURES / f"{name}.ckpt", map_location="cpu", weights_only=True)
-    io = load_file(FIXTURES / f"{name}.io.safetensors")
-    meta = json.loads((FIXTURES / f"{name}.json").read_text())
+    return _read_case(FIXTURES, name)
+
+
+def _read_case(folder: Path, name: str) -> ReferenceCase:
+    config = OmegaConf.to_container(OmegaConf.load(folder / f"{name}.yaml"), resolve=True)
+    checkpoint = torch.load(folder / f"{name}.ckpt", map_location="cpu", weights_only=True)
+    io = load_file(folder / f"{name}.io.safetensors")
+    meta = json.loads((folder / f"{name}.json").read_text())
     return ReferenceCase(name, config, checkpoint, io, meta)
 
 
@@ -97,6 +101,7 @@ def case_pipeline(name: str):
 # ---------------------------------------------------------------------------------------------------- latent models
 LATENT_FIXTURES = Path(__file__).parent / "fixtures" / "ldm_reference_latent"
 LATENT_CASES = sorted(p.name[: -len(".ckpt")] for p in LATENT_FIXTURES.glob("*.ckpt"))
+FIRST_STAGE_PREFIX = "first_stage_model."
 
 
 @cache
@@ -104,11 +109,13 @@ def load_latent_case(name: str) -> ReferenceCase:
     """A case of ``fixtures/ldm_reference_latent`` (same files and fields as the pixel cases)."""
     if name not in LATENT_CASES:
         raise KeyError(f"no latent reference case {name!r}; have {LATENT_CASES}")
-    config = OmegaConf.to_container(OmegaConf.load(LATENT_FIXTURES / f"{name}.yaml"), resolve=True)
-    checkpoint = torch.load(LATENT_FIXTURES / f"{name}.ckpt", map_location="cpu", weights_only=True)
-    io = load_file(LATENT_FIXTURES / f"{name}.io.safetensors")
-    meta = json.loads((LATENT_FIXTURES / f"{name}.json").read_text())
-    return ReferenceCase(name, config, checkpoint, io, meta)
+    return _read_case(LATENT_FIXTURES, name)
+
+
+def first_stage_state_dict(case: ReferenceCase) -> dict[str, torch.Tensor]:
+    """The ``first_stage_model.*`` tensors with that prefix removed, in checkpoint order."""
+    n = len(FIRST_STAGE_PREFIX)
+    return {k[n:]: v for k, v in case.state_dict.items() if k.startswith(FIRST_STAGE_PREFIX)}
 
 
 def case_unet(case: ReferenceCase, weights: str = "training"):

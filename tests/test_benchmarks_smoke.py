@@ -91,6 +91,13 @@ def test_convert_tiny_round_trip_and_cleanup(tmp_path):
     assert list((tmp_path / "work").iterdir()) == []  # every generated file removed
 
 
+def test_convert_tiny_latent_round_trip(tmp_path):
+    report = bench_convert.main(["--size", "tiny", "--latent", "--workdir", str(tmp_path / "work")])
+    result = report["result"]
+    assert result["roundtrip"]["bit_identical"] and result["latent"]
+    assert "vae" in result["components"]  # the first stage became a stock AutoencoderKL
+
+
 def tiny_unet_keys():
     from ldm_compat.models.unet_ldm import LDMUNetModel
 

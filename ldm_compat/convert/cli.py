@@ -21,6 +21,7 @@ def convert(args) -> int:
     folder = original_to_diffusers(
         args.checkpoint, args.config, args.output, use_ema=not args.no_ema, overwrite=args.overwrite,
         schedule_mismatch=args.schedule_mismatch, unet_options={k: v for k, v in unet_options.items() if v is not None},
+        tokenizer_path=args.tokenizer, open_clip_config=args.open_clip_config, scale_factor=args.scale_factor,
     )  # fmt: skip
     print(f"wrote {folder} (load it with LDMCompatPipeline.from_pretrained({str(folder)!r}))")
     if args.native:

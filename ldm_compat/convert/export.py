@@ -1,7 +1,8 @@
 """diffusers folder → original ``.ckpt``/``.safetensors`` (+ YAML) that the original code loads.
 
 For folders written by ``original_to_diffusers`` or by training, the manifest in ``ldm_extras/`` gives the exact
-original key order, the EMA buffer names and the stored extras, so the export is bit-exact. A folder without
+original key order, the EMA buffer names, the stored extras and the LatentDiffusion stages' subfolders (read back
+through their key maps, ``convert/latent.py``), so the export is bit-exact. A folder without
 ``ldm_extras/`` (e.g. a pipeline saved by hand) exports its UNet weights and recomputed schedule buffers.
 """
 
@@ -16,6 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 from ldm_compat.convert.checkpoint_io import atomic_write, save_checkpoint
+from ldm_compat.convert.latent import read_stages
 from ldm_compat.convert.layout import EMA_PREFIX, UNET_PREFIX, OriginalStateDict
 from ldm_compat.convert.nested import unflatten
 from ldm_compat.convert.to_diffusers import (
@@ -84,6 +86,7 @@ def read_original_state_dict(folder: str | os.PathLike) -> tuple[dict[str, torch
     tensors: dict[str, torch.Tensor] = {UNET_PREFIX + k: v for k, v in training.items()}
     tensors.update({EMA_PREFIX + s: sampling[p] for p, s in manifest["ema_shadows"].items()})
     tensors.update(extra)
+    tensors.update(read_stages(folder, manifest, extra))  # vae/ | vqvae/ and the cond stage's components
     if manifest["schedule"] == "recomputed" and manifest["schedule_keys"]:
         buffers = _schedule_buffers(folder)
         tensors.update({k: buffers[k] for k in manifest["schedule_keys"]})

@@ -159,3 +159,72 @@ def infer_unet_params(state_dict: Mapping[str, torch.Tensor], **given) -> dict:
         "could not infer a UNet config that reproduces every key and shape of this state dict "
         f"({'; '.join(tried) or 'no candidate'}); give the original YAML with --config"
     )
+
+
+# ----------------------------------------------------------------------------------------------- first stage
+#: ``resolution`` is not in an autoencoder's weights (it is fully convolutional); an inferred config uses the
+#: published LDM / SD first stages' 256, which places the attention levels it found and changes no computation
+NOMINAL_RESOLUTION = 256
+
+
+def _levels(keys, prefix: str) -> int:
+    found = [int(m.group(1)) for k in keys if (m := re.match(rf"^{prefix}\.(\d+)\.", k))]
+    return max(found) + 1 if found else 0
+
+
+def infer_first_stage_config(state_dict: Mapping[str, torch.Tensor]) -> dict:
+    """The ``first_stage_config`` (``{target, params}``) that the ``first_stage_model.*`` tensors (prefix stripped)
+    determine: KL or VQ, channels, levels, res blocks, attention levels, latent and codebook sizes.
+
+    Not in the weights: ``resolution`` (``NOMINAL_RESOLUTION``, which only places the attention levels),
+    ``VQModel`` vs ``VQModelInterface`` (``VQModelInterface``, what every published LatentDiffusion uses) and the
+    lossconfig (``torch.nn.Identity``; a real loss's ``loss.*`` tensors are kept verbatim)."""
+    sd = state_dict
+    needed = ("encoder.conv_in.weight", "decoder.conv_in.weight", "decoder.conv_out.weight", "post_quant_conv.weight")
+    for key in needed:
+        if key not in sd:
+            raise ValueError(f"cannot infer the first stage: no first_stage_model.{key} (not an ldm autoencoder?)")
+    ch, in_channels = sd["encoder.conv_in.weight"].shape[:2]
+    levels = _levels(sd, "encoder.down")
+    ch_mult = [sd[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] // ch for i in range(levels)]
+    num_res_blocks = len({k.split(".")[4] for k in sd if k.startswith("encoder.down.0.block.")})
+    if any(".to_qkv." in k for k in sd):
+        attn_type = "linear"  # LinAttnBlock; refused by the conversion with its name
+    else:
+        attn_type = "vanilla" if "encoder.mid.attn_1.q.weight" in sd else "none"
+    enc = [f"encoder.down.{i}.attn.0.norm.weight" in sd for i in range(levels)]
+    dec = [f"decoder.up.{i}.attn.0.norm.weight" in sd for i in range(levels)]
+    if enc != dec:
+        raise ValueError(
+            f"cannot infer the first stage: attention at encoder levels {enc} but decoder levels {dec} (one "
+            "attn_resolutions at an unknown resolution); give the original YAML with --config"
+        )
+    z_channels = sd["decoder.conv_in.weight"].shape[1]
+    ddconfig = {
+        "double_z": sd["encoder.conv_out.weight"].shape[0] == 2 * z_channels,
+        "z_channels": int(z_channels),
+        "resolution": NOMINAL_RESOLUTION,
+        "in_channels": int(in_channels),
+        "out_ch": int(sd["decoder.conv_out.weight"].shape[0]),
+        "ch": int(ch),
+        "ch_mult": ch_mult,
+        "num_res_blocks": num_res_blocks,
+        "attn_resolutions": [NOMINAL_RESOLUTION // 2**i for i in range(levels) if enc[i]],
+        "dropout": 0.0,
+    }
+    if attn_type != "vanilla":
+        ddconfig["attn_type"] = attn_type
+    params = {"embed_dim": int(sd["post_quant_conv.weight"].shape[1]), "ddconfig": ddconfig,
+              "lossconfig": {"target": "torch.nn.Identity"}}  # fmt: skip
+    if "quantize.embedding.weight" in sd:
+        params["n_embed"] = int(sd["quantize.embedding.weight"].shape[0])
+        return {"target": "ldm.models.autoencoder.VQModelInterface", "params": params}
+    return {"target": "ldm.models.autoencoder.AutoencoderKL", "params": params}
+
+
+def infer_conditioning_key(unet_params: Mapping) -> str | None:
+    """The DiffusionWrapper routing a LatentDiffusion UNet's weights imply: cross-attention where it has a
+    ``context_dim``, concatenation where it takes more input than output channels (both: ``hybrid``)."""
+    crossattn = unet_params.get("context_dim") is not None
+    concat = unet_params["in_channels"] > unet_params["out_channels"]
+    return {(True, True): "hybrid", (True, False): "crossattn", (False, True): "concat"}.get((crossattn, concat))

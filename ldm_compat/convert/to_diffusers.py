@@ -4,13 +4,16 @@ Folder contents (see ``ldm_compat.pipelines.folder`` for the diffusers part)::
 
     unet/                                  the weights that sample: LitEma's shadows when the checkpoint has them
     scheduler/                             LDMDDPMScheduler built from the config (verified against the buffers)
+    vae/ | vqvae/                          LatentDiffusion: the first stage, diffusers AutoencoderKL / VQModel
+    text_encoder/, tokenizer/, bert/, …    LatentDiffusion: the cond stage's components (see convert/latent.py)
     ldm_extras/config.yaml                 the original YAML (verbatim when given, else the inferred one)
     ldm_extras/training.json               facts: global_step, epoch, EMA decay/num_updates, which weights sample
     ldm_extras/conversion.json             the manifest export uses: original key order, EMA names, entries
     ldm_extras/training_unet.safetensors   the non-EMA (training) UNet weights, when unet/ holds the EMA
-    ldm_extras/extra_tensors.safetensors   every other tensor: model_ema.decay/num_updates, logvar, scale_factor,
-                                           first_stage_model.*, cond_stage_model.*, unknown keys, and the schedule
-                                           buffers when they cannot be recomputed bit for bit
+    ldm_extras/extra_tensors.safetensors   every other tensor: model_ema.decay/num_updates (all of model_ema.* with
+                                           --no-ema), logvar, scale_factor, the first/cond-stage tensors no component
+                                           holds (all of them when a stage is not converted), unknown keys, and the
+                                           schedule buffers when they cannot be recomputed bit for bit
     ldm_extras/checkpoint_entries.safetensors  tensors of non-state_dict entries (optimizer_states, loops, …)
 
 ``diffusers_to_original`` (``export.py``) reads exactly these files back into the original checkpoint.
@@ -33,7 +36,15 @@ from tqdm.auto import tqdm
 from ldm_compat.config import load_ldm_config, to_plain
 from ldm_compat.convert.atomic_dir import atomic_directory
 from ldm_compat.convert.checkpoint_io import load_checkpoint, state_dict_of
-from ldm_compat.convert.layout import EMA_PREFIX, SCHEDULE_BUFFER_NAMES, UNET_PREFIX, OriginalStateDict, ema_shadow_map
+from ldm_compat.convert.latent import INPAINT_KEYS, LATENT_TARGETS, LatentStages, convert_stages, search_dirs_for
+from ldm_compat.convert.layout import (
+    EMA_PREFIX,
+    FIRST_STAGE_PREFIX,
+    SCHEDULE_BUFFER_NAMES,
+    UNET_PREFIX,
+    OriginalStateDict,
+    ema_shadow_map,
+)
 from ldm_compat.convert.nested import flatten
 
 logger = logging.getLogger(__name__)
@@ -67,7 +78,7 @@ LATENT_DIFFUSION_KEYS = frozenset(
         "first_stage_config", "cond_stage_config", "num_timesteps_cond", "cond_stage_key", "cond_stage_trainable",
         "concat_mode", "cond_stage_forward", "scale_factor", "scale_by_std", "force_null_conditioning",
     }
-)  # fmt: skip
+) | INPAINT_KEYS  # fmt: skip
 
 
 def check_model_params(params: Mapping, source: str) -> None:
@@ -169,8 +180,9 @@ def _build_unet(unet_params: dict, weights: Mapping[str, torch.Tensor], source: 
     return unet
 
 
-def save_pipeline(directory: Path, unet, scheduler, params: Mapping) -> None:
-    """Write the diffusers part of the folder with ``LDMCompatPipeline.save_pretrained``."""
+def save_pipeline(directory: Path, unet, scheduler, params: Mapping, stages: LatentStages | None = None) -> None:
+    """Write the diffusers part of the folder with ``LDMCompatPipeline.save_pretrained`` (+ each latent stage
+    component's own ``save_pretrained``: they are not pipeline components yet, so model_index.json omits them)."""
     from ldm_compat.pipelines.pipeline_ldm_compat import LDMCompatPipeline
 
     pipe = LDMCompatPipeline(
@@ -180,7 +192,18 @@ def save_pipeline(directory: Path, unet, scheduler, params: Mapping) -> None:
         image_size=params.get("image_size"),
         channels=params.get("channels"),
     )
-    pipe.save_pretrained(directory, safe_serialization=True)
+    if stages is not None and stages.components:
+        # a latent folder names LDMCompatPipeline, never a stock pipeline that would run the UNet alone (choosing a
+        # stock latent pipeline is issue 15): the diffusers save, then our folder format without a stock class
+        from diffusers import DiffusionPipeline
+
+        from ldm_compat.pipelines.folder import finalize_folder
+
+        DiffusionPipeline.save_pretrained(pipe, directory, safe_serialization=True)
+        finalize_folder(directory, LDMCompatPipeline, None)
+        stages.save(directory)
+    else:
+        pipe.save_pretrained(directory, safe_serialization=True)
 
 
 def _save_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -203,12 +226,17 @@ def write_folder(
     source: str = "checkpoint",
     container: str = "lightning",
     state_dict_position: int = 0,
+    search_dirs: list[Path] = (),
+    tokenizer_path: str | os.PathLike | None = None,
+    open_clip_config: str | os.PathLike | None = None,
 ) -> Path:
     """Write an original-layout ``state_dict`` (+ its ``config``) as a diffusers folder; see the module docstring.
 
     ``entries`` are the checkpoint's other top-level entries (``global_step``, ``epoch``, ``optimizer_states``…);
     ``container`` is ``"lightning"`` (``{'state_dict': …, …}``, ``state_dict`` at ``state_dict_position``) or
     ``"bare"`` (the file was the state dict itself), so export writes the same container back.
+    ``use_ema=False`` samples with the training weights; the EMA is still kept (verbatim) for export.
+    ``search_dirs`` / ``tokenizer_path`` / ``open_clip_config``: where a cond stage finds its local files.
     """
     config = to_plain(config)
     params = dict(config["model"].get("params") or {})
@@ -224,6 +252,10 @@ def write_folder(
     if has_ema and use_ema:
         sampling.update({p: parts.ema[s] for p, s in shadows.items() if s in parts.ema})
     unet = _build_unet(unet_params, sampling, source)
+    stages = convert_stages(
+        params, parts.first_stage, parts.cond_stage, state_dict, source=source, search_dirs=search_dirs,
+        tokenizer_path=tokenizer_path, open_clip_config=open_clip_config,
+    )  # fmt: skip
 
     manifest = {
         "format": FORMAT,
@@ -236,18 +268,15 @@ def write_folder(
         "entries": None,
         "container": container,
         "state_dict_position": state_dict_position,
+        **stages.manifest,
     }
-    extra = {}
-    if use_ema:
-        extra.update({EMA_PREFIX + k: v for k, v in parts.ema.items() if k not in manifest["ema_shadows"].values()})
-    else:
-        manifest["key_order"] = [k for k in state_dict if not k.startswith(EMA_PREFIX)]
+    # the EMA buffers unet/ does not hold (all of them with use_ema=False) are kept verbatim
+    extra = {EMA_PREFIX + k: v for k, v in parts.ema.items() if k not in manifest["ema_shadows"].values()}
     if parts.logvar is not None:
         extra["logvar"] = parts.logvar
     if parts.scale_factor is not None:
         extra["scale_factor"] = parts.scale_factor
-    extra.update(parts.first_stage)
-    extra.update(parts.cond_stage)
+    extra.update(stages.extra)
     extra.update(parts.other)
     extra.update(stored_schedule)
     entry_tensors: dict[str, torch.Tensor] = {}
@@ -262,7 +291,7 @@ def write_folder(
         "epoch": (entries or {}).get("epoch"),
         "sampling_weights": manifest["sampling_weights"],
         "ema": {"decay": float(ema["decay"]), "num_updates": int(ema["num_updates"])}
-        if use_ema and "decay" in ema and "num_updates" in ema
+        if "decay" in ema and "num_updates" in ema
         else None,
         "target": config["model"].get("target", DDPM_TARGET),
     }
@@ -270,7 +299,7 @@ def write_folder(
     progress = tqdm(total=4, desc=f"writing {Path(output_dir).name}", unit="part",
                     disable=total_bytes < PROGRESS_BAR_BYTES)  # fmt: skip
     with atomic_directory(output_dir, overwrite=overwrite) as tmp, progress:
-        save_pipeline(tmp, unet, scheduler, params)
+        save_pipeline(tmp, unet, scheduler, params, stages)
         progress.update()
         (tmp / EXTRAS).mkdir(exist_ok=True)
         (tmp / CONFIG_FILE).write_text(config_text if config_text is not None else yaml.safe_dump(full_config))
@@ -295,12 +324,18 @@ def original_to_diffusers(
     overwrite: bool = False,
     schedule_mismatch: str = "error",
     unet_options: Mapping | None = None,
+    tokenizer_path: str | os.PathLike | None = None,
+    open_clip_config: str | os.PathLike | None = None,
+    scale_factor: float | None = None,
 ) -> Path:
     """Convert an original checkpoint (``.ckpt`` or ``.safetensors``) and its YAML into a diffusers folder.
 
-    Without ``config_path`` the UNet config is inferred from the weights (``unet_options`` supplies what the weights
-    cannot say, e.g. ``num_heads``) and the schedule is identified among the published ones (else the checkpoint's
-    betas are used).
+    With ``config_path`` nothing is guessed from key names: the YAML says what each part is. Without it the UNet
+    config is inferred from the weights (``unet_options`` supplies what the weights cannot say, e.g. ``num_heads``),
+    the schedule is identified among the published ones (else the checkpoint's betas are used), and a
+    LatentDiffusion's first stage is inferred from its weights (``scale_factor``: LatentDiffusion's, needed unless
+    the checkpoint has a ``scale_factor`` buffer); its cond stage is then kept verbatim (its class is not in the
+    weights). ``tokenizer_path`` / ``open_clip_config`` override the cond stage's local-file lookups.
     """
     if output_dir is None:
         raise ValueError("output_dir is required")
@@ -314,11 +349,45 @@ def original_to_diffusers(
         check_model_params(config["model"]["params"], str(config_path))
         config_text = Path(config_path).read_text()
     else:
-        timesteps = int(state_dict["betas"].shape[0]) if "betas" in state_dict else 1000
-        config = {"model": {"target": DDPM_TARGET, "params": {"timesteps": timesteps, "_inferred_schedule": True}}}
+        config = inferred_config(state_dict, unet_options, scale_factor, str(ckpt_path))
         config_text = None
     return write_folder(
         state_dict, config, output_dir, entries=entries, config_text=config_text, use_ema=use_ema,
         overwrite=overwrite, schedule_mismatch=schedule_mismatch, unet_options=unet_options, source=str(ckpt_path),
-        container=container, state_dict_position=position,
+        container=container, state_dict_position=position, search_dirs=search_dirs_for(config_path),
+        tokenizer_path=tokenizer_path, open_clip_config=open_clip_config,
     )  # fmt: skip
+
+
+def inferred_config(state_dict: Mapping[str, torch.Tensor], unet_options: Mapping | None, scale_factor: float | None,
+                    source: str) -> dict:  # fmt: skip
+    """The config the weights determine (no YAML): a DDPM, or a LatentDiffusion when there is a first stage."""
+    from ldm_compat.convert.infer_config import infer_conditioning_key, infer_first_stage_config, infer_unet_params
+
+    timesteps = int(state_dict["betas"].shape[0]) if "betas" in state_dict else 1000
+    params: dict[str, Any] = {"timesteps": timesteps, "_inferred_schedule": True}
+    parts = OriginalStateDict.split(state_dict)
+    if not parts.first_stage:
+        return {"model": {"target": DDPM_TARGET, "params": params}}
+    if parts.scale_factor is None and scale_factor is None:
+        raise ValueError(
+            f"{source}: LatentDiffusion's scale_factor is not in the weights (no scale_factor buffer): pass "
+            "--scale-factor (SD 1.x/2.x: 0.18215; the LDM VQ models: 1.0) or give the original YAML with --config"
+        )
+    if parts.scale_factor is not None and scale_factor is not None:
+        logger.warning("%s: the checkpoint's scale_factor buffer (%s) is used, not --scale-factor %s", source,
+                       float(parts.scale_factor), scale_factor)  # fmt: skip
+    unet_params = infer_unet_params(parts.unet, **dict(unet_options or {}))
+    first_stage = {k[len(FIRST_STAGE_PREFIX) :]: v for k, v in parts.first_stage.items()}
+    params.update(
+        first_stage_config=infer_first_stage_config(first_stage),
+        unet_config={"target": UNET_TARGET, "params": unet_params},
+        conditioning_key=infer_conditioning_key(unet_params),
+        scale_by_std=parts.scale_factor is not None,  # the original registers the buffer only then
+        scale_factor=1.0 if parts.scale_factor is not None else float(scale_factor),
+        image_size=unet_params.get("image_size"),
+        channels=unet_params["out_channels"],
+    )
+    if not parts.cond_stage and params["conditioning_key"] is None:
+        params["cond_stage_config"] = "__is_unconditional__"
+    return {"model": {"target": LATENT_TARGETS[0], "params": params}}

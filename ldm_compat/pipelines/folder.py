@@ -53,7 +53,8 @@ MODEL_CARD_FILE = "README.md"
 PIPELINE_CONFIG_KEYS = ("conditioning_key", "image_size", "channels")
 
 #: what ``LDMCompatPipeline.download`` fetches from a Hub repo: configs, safetensors weights, loader files, extras
-DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.py", f"{EXTRAS_DIR}/*"]
+# tokenizer vocabularies are .json (CLIP vocab.json, tokenizer.json) and .txt (CLIP merges.txt, BERT vocab.txt)
+DOWNLOAD_PATTERNS = ["*.json", "*.txt", "*.safetensors", "*.py", f"{EXTRAS_DIR}/*"]
 
 #: weight formats that unpickle on load; never written, pushed or downloaded by ldm_compat
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
@@ -224,6 +225,18 @@ def component_folders(index: dict) -> list[str]:
         for name, value in index.items()
         if not name.startswith("_") and isinstance(value, list) and len(value) == 2 and value[0] is not None
     )
+
+
+#: subfolders ``ldm-compat convert`` writes for a LatentDiffusion's first and cond stage; not pipeline components
+#: yet (model_index.json does not list them), each loads with its own class (``AutoencoderKL.from_pretrained(folder,
+#: subfolder="vae")``, ``CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")``, …)
+LATENT_STAGE_FOLDERS = ("vae", "vqvae", "text_encoder", "tokenizer", "bert", "class_embedder")
+
+
+def unlisted_stage_folders(folder: str | os.PathLike, index: dict) -> list[str]:
+    """The latent-stage subfolders present in ``folder`` that ``model_index.json`` does not list."""
+    listed = set(component_folders(index))
+    return [name for name in LATENT_STAGE_FOLDERS if name not in listed and (Path(folder) / name).is_dir()]
 
 
 def download(repo_id: str, **kwargs) -> str:

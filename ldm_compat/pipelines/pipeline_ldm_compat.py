@@ -9,6 +9,7 @@ With ``LDMDDPMScheduler`` the loop is the original ``DDPM.p_sample_loop`` (every
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import tempfile
 from collections.abc import Sequence
@@ -28,6 +29,8 @@ from ldm_compat.pipelines.conditioning_inputs import (
 )
 from ldm_compat.pipelines.output import LDMCompatPipelineOutput, check_output_type, postprocess
 from ldm_compat.pipelines.stock import stock_pipeline_for
+
+logger = logging.getLogger(__name__)
 
 #: the original ``DDPM``'s default ``log_every_t``
 DEFAULT_LOG_EVERY_T = 100
@@ -300,8 +303,16 @@ class LDMCompatPipeline(DiffusionPipeline):
         if not os.path.isdir(path):
             path = cls.download(path, **kwargs)
         folder_format.check_loader_files(path)
-        folder_format.read_model_index(path)  # a one-line error when the folder is not a pipeline
+        index = folder_format.read_model_index(path)  # a one-line error when the folder is not a pipeline
         pipe = super().from_pretrained(path, **kwargs)
+        unlisted = folder_format.unlisted_stage_folders(path, index)
+        if unlisted:
+            logger.warning(
+                "%s: %s (the LatentDiffusion first/cond stage) are not used by LDMCompatPipeline yet: it runs the "
+                "UNet in latent space only; load them with their own classes (e.g. AutoencoderKL.from_pretrained("
+                "folder, subfolder='vae'), or ldm_compat.convert.latent.load_folder_first_stage(folder))",
+                path, ", ".join(f"{name}/" for name in unlisted),
+            )  # fmt: skip
         if path != os.fspath(pretrained_model_name_or_path):
             pipe.register_to_config(_name_or_path=os.fspath(pretrained_model_name_or_path))
         return pipe
