@@ -47,17 +47,6 @@ def conv_nd(dims: int, *args, **kwargs) -> nn.Module:
     raise ValueError(f"dims must be 1, 2 or 3, got {dims!r}")
 
 
-def avg_pool_nd(dims: int, *args, **kwargs) -> nn.Module:
-    """``avg_pool_nd``: a 1-D, 2-D or 3-D average pooling."""
-    if dims == 1:
-        return nn.AvgPool1d(*args, **kwargs)
-    if dims == 2:
-        return nn.AvgPool2d(*args, **kwargs)
-    if dims == 3:
-        return nn.AvgPool3d(*args, **kwargs)
-    raise ValueError(f"dims must be 1, 2 or 3, got {dims!r}")
-
-
 def zero_module(module: nn.Module) -> nn.Module:
     """``zero_module``: zero every parameter of ``module`` in place and return it."""
     with torch.no_grad():

@@ -161,7 +161,8 @@ class Trainer:
                 )
             # before the EMA is built, so its shadows get the same strides (the fused update wants them equal)
             self.unet.to(memory_format=torch.channels_last)
-        self.objective = DDPMObjective.from_ldm_config(params)
+        self.objective = DDPMObjective.from_ldm_config(params, **self.settings.objective_flags)
+        self.accelerator.print(self.settings.deviation_report(self.objective))
         self.scheduler = LDMDDPMScheduler.from_ldm_config(params)
         self.ema = None
         if self.settings.use_ema:
@@ -462,7 +463,8 @@ class Trainer:
         module.eval()
         generator = torch.Generator(device="cpu").manual_seed(self.options.seed + self.state.global_step)
         pipe = self.sampling_pipeline()
-        pipe.set_progress_bar_config(disable=True)
+        # sampling all T steps takes a while on a CPU: a bar of its own, removed when done
+        pipe.set_progress_bar_config(desc="image log: sampling", unit="step", leave=False)
 
         cond_kwargs = self.get_cond_kwargs(batch)
 

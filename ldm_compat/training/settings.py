@@ -75,6 +75,43 @@ def check_ddpm_params(params: Mapping, source: str = "config") -> list[str]:
     return unknown
 
 
+# ldm_compat's own options, in a top-level YAML section the original main.py never reads (it uses model, data,
+# lightning), so a config carrying it still trains in the original code
+OWN_SECTION = "ldm_compat"
+OBJECTIVE_FLAGS = ("ldm_bug_compat", "logvar_weighting")
+
+
+def objective_flags(config: Mapping, source: str = "config") -> dict[str, bool]:
+    """``ldm_bug_compat`` and ``logvar_weighting`` for ``DDPMObjective`` from ``ldm_compat.objective`` of a whole
+    config; ``logvar_weighting`` defaults to what the original class of ``model.target`` does."""
+    from ldm_compat.training.objective import ORIGINAL_LOGVAR_WEIGHTING
+
+    section = config.get(OWN_SECTION)
+    section = {} if section is None else section
+    if not isinstance(section, Mapping) or set(section) - {"objective"}:
+        raise ConfigError(f"{source}: {OWN_SECTION}: expected a mapping with the one key 'objective', got {section!r}")
+    flags = section.get("objective")
+    flags = {} if flags is None else flags
+    where = f"{source}: {OWN_SECTION}.objective"
+    if not isinstance(flags, Mapping) or set(flags) - set(OBJECTIVE_FLAGS):
+        raise ConfigError(f"{where}: expected a mapping of {', '.join(OBJECTIVE_FLAGS)}, got {flags!r}")
+    bug_compat = flags.get("ldm_bug_compat")
+    bug_compat = False if bug_compat is None else bug_compat
+    weighting = flags.get("logvar_weighting")
+    for key, value in (("ldm_bug_compat", bug_compat), ("logvar_weighting", weighting)):
+        if value is not None and not isinstance(value, bool):
+            raise ConfigError(f"{where}.{key}={value!r}: expected true or false")
+    if weighting is None:
+        target = _get(config, "model.target")
+        weighting = ORIGINAL_LOGVAR_WEIGHTING.get(target)
+        if weighting is None:
+            raise ConfigError(
+                f"{source}: model.target={target!r} is not an original DDPM class; set {OWN_SECTION}.objective."
+                "logvar_weighting (true: LatentDiffusion's loss, false: DDPM's)"
+            )
+    return {"ldm_bug_compat": bug_compat, "logvar_weighting": weighting}
+
+
 @dataclass
 class TrainSettings:
     """The run's numbers, read from the original config sections with the original defaults."""
@@ -92,6 +129,8 @@ class TrainSettings:
     log_every_n_steps: int = 50  # lightning.trainer.log_every_n_steps, pytorch-lightning's default
     data: dict = field(default_factory=dict)  # the data section, params included
     source: str = "config"
+    target: str | None = None  # model.target
+    objective_flags: dict = field(default_factory=dict)  # DDPMObjective keywords (see objective_flags)
 
     @classmethod
     def from_config(cls, config: Mapping, source: str = "config") -> TrainSettings:
@@ -131,7 +170,17 @@ class TrainSettings:
             log_every_n_steps=log_every,
             data=dict(config.get("data") or {}),
             source=source,
+            target=_get(config, "model.target"),
+            objective_flags=objective_flags(config, source),
         )
+
+    def deviation_report(self, objective) -> str:
+        """One line for the start of training: what differs from the original ``model.target`` class, or that
+        nothing does."""
+        deviations = objective.deviations(self.target)
+        if not deviations:
+            return f"objective: as the original {self.target}"
+        return f"objective: deviations from the original {self.target}: " + "; ".join(deviations)
 
     @property
     def use_ema(self) -> bool:
