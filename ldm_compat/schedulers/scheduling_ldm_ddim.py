@@ -230,7 +230,8 @@ class LDMDDIMScheduler(LDMScheduleMixin, SchedulerMixin, ConfigMixin):
         noise_dropout: float = 0.0,
         use_clipped_model_output: bool = False,
     ) -> DDIMSchedulerOutput | tuple:
-        """One step of the original ``p_sample_ddim`` (its float32 operations in its order: bit-equal to it on the same CPU).
+        """One step of the original ``p_sample_ddim``
+        (its float32 operations in its order: bit-equal to it on the same CPU).
 
         ``eta``, ``temperature`` and ``noise_dropout`` are the original sampler's options. ``variance_noise``
         replaces the drawn noise; without it, noise is drawn with ``generator`` at every step (also when

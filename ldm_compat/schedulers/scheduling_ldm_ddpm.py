@@ -345,7 +345,8 @@ class LDMDDPMScheduler(LDMScheduleMixin, SchedulerMixin, ConfigMixin):
         variance_noise: torch.Tensor | None = None,
         return_dict: bool = True,
     ) -> DDPMSchedulerOutput | tuple:
-        """One ancestral step ``x_t → x_{prev}`` — the original ``p_sample`` (its float32 operations in its order: bit-equal to it on the same CPU, on full schedules).
+        """One ancestral step ``x_t → x_{prev}`` — the original ``p_sample``
+        (its float32 operations in its order: bit-equal to it on the same CPU, on full schedules).
 
         x̂0 from the model output (eps, x0 or v), clamped when ``clip_sample`` (or dynamically thresholded when
         ``thresholding``); the posterior mean with the ``v_posterior`` variance; noise ``exp(½·log σ²)·z`` except
