@@ -7,6 +7,8 @@ steps. Differences from the original harness, each deliberate:
   ``num_nodes``); ``scale_lr=False`` uses ``base_learning_rate`` as given.
 - ``scheduler_config`` is honoured for pixel-space DDPM too (the original only used it in LatentDiffusion).
 - Checkpoints are written atomically; resume restores weights, EMA, optimizer, LR schedule, RNG and data position.
+- A training step never waits for the device: losses and the non-finite check stay there until a check point (a log
+  step, checkpoint, image log, validation, the last step; ``step_log``), so ``--nan_policy stop`` stops there.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch import nn
 from ldm_compat.training import distributed
 from ldm_compat.training.checkpoints import resolve_checkpoint, write_checkpoint
 from ldm_compat.training.settings import TrainSettings
+from ldm_compat.training.step_log import Position, StepLog, all_finite, describe_loss
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +80,8 @@ class TrainOptions:
     sample_steps: int | None = None  # inference steps for logged samples (default: all T, like the original)
     validation_batches: int = 4
     nan_policy: str = "stop"  # stop | skip
+    compile: bool = False  # torch.compile the UNet (in place: state-dict keys unchanged)
+    channels_last: bool = False  # UNet weights (and so activations) in channels_last memory format
     latent_cache: str | None = None  # LatentDiffusion: folder of the first-stage/cond-stage cache (latent_cache.py)
 
 
@@ -102,11 +107,13 @@ class Trainer:
 
     def _setup(self, options: TrainOptions) -> None:
         from accelerate import Accelerator
-        from accelerate.utils import ProjectConfiguration, set_seed
+        from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 
         self.accelerator = Accelerator(
             gradient_accumulation_steps=self.settings.accumulate_grad_batches,
             mixed_precision=options.mixed_precision,
+            # batches from pinned memory are copied without blocking the host (a blocking copy is a sync)
+            dataloader_config=DataLoaderConfiguration(non_blocking=True),
             log_with=None if options.report_to in (None, "none") else options.report_to,
             project_config=ProjectConfiguration(
                 project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")
@@ -119,6 +126,8 @@ class Trainer:
         )
         set_seed(options.seed)
         self.state = RunState()
+        self.step_log = StepLog()
+        self.last_logged: dict = {}
         self._build_model()
         self._build_data()
         self._build_optimization()
@@ -151,9 +160,17 @@ class Trainer:
 
             self.latent = build_latent_model(self.config, params, self.settings.source, self.accelerator)
         self.unet = LDMUNetModel.from_ldm_config(params["unet_config"])
+        if self.options.channels_last:
+            if self.unet.config.dims != 2:
+                raise ValueError(
+                    f"--channels_last: needs a 2-D UNet (unet_config.params.dims), got {self.unet.config.dims}"
+                )
+            # before the EMA is built, so its shadows get the same strides (the fused update wants them equal)
+            self.unet.to(memory_format=torch.channels_last)
         if self.latent is not None:
             from ldm_compat.training.latent_objective import LatentDiffusionObjective as DDPMObjective
-        self.objective = DDPMObjective.from_ldm_config(params)
+        self.objective = DDPMObjective.from_ldm_config(params, **self.settings.objective_flags)
+        self.accelerator.print(self.settings.deviation_report(self.objective))
         self.scheduler = LDMDDPMScheduler.from_ldm_config(params)
         self.ema = None
         if self.settings.use_ema:
@@ -176,6 +193,8 @@ class Trainer:
             if self.ema is not None and params.get("reset_num_ema_updates"):
                 self.ema.reset_num_updates()
         self.accelerator.print(count_params(self.unet, "LDMUNetModel"))
+        if self.options.compile:
+            self.unet.compile()  # in place: the module, its parameters and state-dict keys stay what they are
         if self.latent is None:
             self.module = DDPMTrainModule(self.unet, self.objective)
         else:
@@ -299,7 +318,7 @@ class Trainer:
         module.train()
         progress = tqdm(total=self.max_steps, initial=self.state.global_step, disable=not acc.is_local_main_process,
                         desc="train", unit="step")  # fmt: skip
-        last_logs: dict = {}
+        shown = None
         while self.state.global_step < self.max_steps:
             loader = self.train_loader
             if hasattr(loader, "set_epoch"):
@@ -307,14 +326,16 @@ class Trainer:
             if self.state.batch_in_epoch:
                 loader = acc.skip_first_batches(loader, self.state.batch_in_epoch)
             for batch in loader:
-                last_logs = self._train_batch(module, batch) or last_logs
+                logs = self._train_batch(module, batch)
                 self.state.batch_in_epoch += 1
                 if not acc.sync_gradients:
                     continue
                 self.state.global_step += 1
                 progress.update(1)
-                progress.set_postfix(loss=f"{last_logs.get('train/loss', float('nan')):.4f}")
-                self._after_step(batch, last_logs)
+                self._after_step(batch, logs or {})
+                if self.last_logged is not shown and "train/loss" in self.last_logged:
+                    shown = self.last_logged
+                    progress.set_postfix(loss=f"{shown['train/loss']:.4f}")
                 if self.state.global_step >= self.max_steps:
                     break
             else:
@@ -323,8 +344,9 @@ class Trainer:
                 continue
             break
         progress.close()
+        self._check_finite()  # (the last step is a check point; this covers a loop that ended otherwise)
         acc.wait_for_everyone()
-        return last_logs
+        return self.last_logged
 
     def _train_batch(self, module, batch) -> dict | None:
         acc = self.accelerator
@@ -342,14 +364,16 @@ class Trainer:
             t, noise = self._draw_t_and_noise(x)
             with acc.autocast():
                 loss, loss_dict = module(x, t, noise, cond)
-            finite = torch.isfinite(loss.detach()).all()
-            if acc.num_processes > 1:
-                # decide together: a process stopping or skipping alone would leave the others waiting in the
-                # gradient all-reduce forever
-                finite = acc.reduce(finite.float(), reduction="sum").item() == acc.num_processes
-            if not finite:
-                return self._non_finite(loss)
+            if self.options.nan_policy == "stop":
+                # read at the next check point (no sync now): nothing this run does after a bad batch is saved
+                self.step_log.watch(loss, Position(self.state.global_step, self.state.epoch, self.state.batch_in_epoch))
             acc.backward(loss)
+            # skip must decide now whether the optimizer, LR schedule and EMA step: the one read per step, made
+            # after the backward pass is queued so the device is busy while the host waits
+            if self.options.nan_policy == "skip" and not all_finite(loss, acc):
+                logger.warning("step %d: %s, batch skipped", self.state.global_step, describe_loss(loss.item()))
+                self.optimizer.zero_grad(set_to_none=True)
+                return None
             if acc.sync_gradients and self.settings.gradient_clip_val > 0:
                 acc.clip_grad_norm_(module.parameters(), self.settings.gradient_clip_val)
             self.optimizer.step()
@@ -358,7 +382,7 @@ class Trainer:
         if acc.sync_gradients and self.ema is not None:
             self.ema.step(acc.unwrap_model(module).unet)
         if acc.sync_gradients:
-            return {k: v.detach() for k, v in loss_dict.items()}
+            return loss_dict
         return None
 
     def _draw_t_and_noise(self, x):
@@ -377,25 +401,31 @@ class Trainer:
         noise = torch.randn((n * b, *x.shape[1:]), device=x.device, dtype=x.dtype)
         return t[rank * b : (rank + 1) * b], noise[rank * b : (rank + 1) * b]
 
-    def _non_finite(self, loss):
-        step, value = self.state.global_step, loss.item()
-        # with several processes this one's loss may be finite while another's is not
-        what = f"loss is {value} (not finite)" if not math.isfinite(value) else "another process's loss is not finite"
-        if self.options.nan_policy == "skip":
-            logger.warning("step %d: %s, batch skipped", step, what)
-            self.optimizer.zero_grad(set_to_none=True)
-            return None
-        raise FloatingPointError(
-            f"step {step}: {what}; stopped. The last good checkpoint is in "
-            f"{self.output_dir / 'checkpoints'} (use --nan_policy skip to skip such batches)"
-        )
+    def _check_finite(self) -> None:
+        """``--nan_policy stop``: raise if a loss since the last check point was not finite (``StepLog.check``)."""
+        self.step_log.check(self.accelerator.gather, self.state, self.output_dir / "checkpoints")
+
+    def _is_check_point(self, step: int) -> bool:
+        """Steps at which the loop reads the device: logging, and where it writes or samples anyway."""
+        s = self.settings
+        val = s.val_check_interval if self.val_loader is not None else None
+        every = (s.log_every_n_steps, self.options.checkpointing_steps, s.image_log_frequency, val)
+        return step >= self.max_steps or any(n and step % n == 0 for n in every)
 
     def _after_step(self, batch, logs: dict) -> None:
+        """Per optimizer step: keep ``logs`` on the device; at a check point, check, log and write."""
         acc, step = self.accelerator, self.state.global_step
-        scalars = {k: float(v) for k, v in acc.reduce(logs, reduction="mean").items()} if logs else {}
+        if logs:
+            self.step_log.add({k: v.detach() for k, v in logs.items()})
+        if not self._is_check_point(step):
+            return
+        self._check_finite()
+        # the mean of each value over the steps since the last log (every process's), then the step's LR
+        scalars = self.step_log.means(lambda values: acc.reduce(values, reduction="mean"))
         scalars["global_step"] = step
         scalars["lr_abs"] = self.optimizer.param_groups[0]["lr"]
         acc.log(scalars, step=step)
+        self.last_logged = scalars
         if self.options.checkpointing_steps and step % self.options.checkpointing_steps == 0:
             self.save_checkpoint()
         if self.settings.image_log_frequency and (step % self.settings.image_log_frequency == 0):
@@ -475,7 +505,8 @@ class Trainer:
         module.eval()
         generator = torch.Generator(device="cpu").manual_seed(self.options.seed + self.state.global_step)
         pipe = self.sampling_pipeline()
-        pipe.set_progress_bar_config(disable=True)
+        # sampling all T steps takes a while on a CPU: a bar of its own, removed when done
+        pipe.set_progress_bar_config(desc="image log: sampling", unit="step", leave=False)
 
         cond_kwargs = self.get_cond_kwargs(batch)
 
