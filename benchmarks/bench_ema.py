@@ -10,9 +10,10 @@ Contenders, all measured in the same run, interleaved round by round (so driftin
 - ``ema_model_loop`` / ``ema_model_foreach``: stock ``diffusers.training_utils.EMAModel`` with ``foreach`` off / on.
 
 The model is diffusers' ``UNet2DModel`` with the DDPM CIFAR-10 configuration (35.7M parameters in 328 tensors),
-built locally from its config (no download). Usage::
+built locally from its config (no download), or with ``--model celebahq64`` the published celebahq-ldm-vq-4
+``LDMUNetModel`` (274M parameters, the issue's EMA target). Usage::
 
-    python benchmarks/bench_ema.py [--device cuda] [--rounds 30] [--json out.json]
+    python benchmarks/bench_ema.py [--device cuda] [--model cifar32|celebahq64] [--rounds 30] [--json out.json]
 """
 
 from __future__ import annotations
@@ -35,9 +36,19 @@ from ldm_compat.training.ema import LitEmaModel
 BASELINE = "litema_loop"
 
 
-def build_model(device: str) -> nn.Module:
-    """The DDPM CIFAR-10 UNet (``google/ddpm-cifar10-32`` configuration), random weights."""
+def build_model(device: str, name: str = "cifar32") -> nn.Module:
+    """The DDPM CIFAR-10 UNet (``google/ddpm-cifar10-32`` configuration), or a ``bench_unet`` model; random weights."""
     torch.manual_seed(0)
+    if name != "cifar32":
+        import sys
+        from pathlib import Path
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_unet import MODELS
+
+        from ldm_compat.models.unet_ldm import LDMUNetModel
+
+        return LDMUNetModel(**MODELS[name]["unet"]).to(device)
     return UNet2DModel(
         sample_size=32, in_channels=3, out_channels=3, layers_per_block=2, block_out_channels=(128, 256, 256, 256),
         down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
@@ -85,8 +96,8 @@ def shadows_of(name: str, obj) -> list[torch.Tensor]:
     return list(obj.shadows.values()) if name == BASELINE else list(obj.shadow_params)
 
 
-def run(device: str, rounds: int, warmup: int, clock: str = "wall") -> dict:
-    model = build_model(device)
+def run(device: str, rounds: int, warmup: int, clock: str = "wall", model_name: str = "cifar32") -> dict:
+    model = build_model(device, model_name)
     cases = contenders(model)
     with torch.no_grad():  # move the weights away from the shadows so every update does real work
         for p in model.parameters():
@@ -121,7 +132,7 @@ def run(device: str, rounds: int, warmup: int, clock: str = "wall") -> dict:
     return {
         "benchmark": "ema_update", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": device, "device_name": device_name, "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "clock": clock,
+        "torch_threads": torch.get_num_threads(), "clock": clock, "model": model_name,
         "torch": torch.__version__, "parameters": n_params, "tensors": len(list(model.parameters())),
         "rounds": rounds, "warmup": warmup, "steps_each": warmup + rounds, "results": results,
     }  # fmt: skip
@@ -144,6 +155,7 @@ def print_table(report: dict) -> None:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--model", default="cifar32", help="cifar32 (default, 35.7M), celebahq64 (274M) or tiny")
     parser.add_argument("--rounds", type=int, default=30, help="timed updates per method")
     parser.add_argument("--warmup", type=int, default=3, help="untimed updates per method first")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
@@ -163,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.threads = 1
     if args.threads:
         torch.set_num_threads(args.threads)
-    report = run(args.device, args.rounds, args.warmup, args.clock)
+    report = run(args.device, args.rounds, args.warmup, args.clock, args.model)
     print_table(report)
     if args.json:
         with open(args.json, "w") as f:

@@ -8,12 +8,15 @@ so the Trainer's ``fit()`` is entered once and never restarts its data loader):
   ``LitEmaModel`` update, logging. One step = from the end of one step's ``_after_step`` to the end of the next;
 - ``plain``: the same UNet (same weights) and optimizer in a hand-written loop: a stock ``DataLoader``,
   ``q_sample``, MSE on the noise, backward, AdamW; no EMA, no Accelerate;
-- ``plain+ema``: ``plain`` plus one ``LitEmaModel`` update per step (so the EMA's share of the overhead is visible).
+- ``plain+ema``: ``plain`` plus one ``LitEmaModel`` update per step (so the EMA's share of the overhead is visible);
+- ``diffusers+ema`` (with ``--diffusers``): the same plain loop with diffusers' own model of the same architecture
+  (``to_native_unet``, same weights) and diffusers' ``EMAModel(foreach=True)``: what a diffusers user would run.
 
 Data are random images held in memory (``_common.RandomImages``), so decoding is not timed. ``ratio`` is a
 contender's median step time over ``plain``'s. Usage::
 
     python benchmarks/bench_train.py [--model small|tiny|cifar32|celebahq64] [--device cuda] [--json out.json]
+    python benchmarks/bench_train.py --latent digits|digits32   # LatentDiffusion, with and without --latent_cache
 """
 
 from __future__ import annotations
@@ -84,17 +87,31 @@ def train_config(model: str, batch: int, timesteps: int) -> dict:
 class PlainLoop:
     """The hand-written baseline: stock DataLoader, ``q_sample``, eps MSE, backward, AdamW; ``ema`` optional."""
 
-    def __init__(self, trainer, dataset, batch: int, workers: int, device: torch.device):
+    def __init__(self, trainer, dataset, batch: int, workers: int, device: torch.device, diffusers: bool = False):
         from ldm_compat.models.unet_ldm import LDMUNetModel
         from ldm_compat.training.ema import LitEmaModel
 
         self.device = device
-        self.unet = LDMUNetModel(**trainer.unet.config).to(device)
-        self.unet.load_state_dict(trainer.unet.state_dict())
+        if diffusers:
+            from diffusers.training_utils import EMAModel
+
+            from ldm_compat.convert.native import to_native_unet
+
+            self.unet = to_native_unet(trainer.unet).to(device)
+        else:
+            self.unet = LDMUNetModel(**trainer.unet.config).to(device)
+            self.unet.load_state_dict(trainer.unet.state_dict())
         self.unet.train()
         fused = True if device.type == "cuda" else None
         self.optimizer = torch.optim.AdamW(self.unet.parameters(), lr=trainer.learning_rate, fused=fused)
-        self.ema = LitEmaModel(self.unet)  # built from the on-device UNet, so its shadows are there too
+        # built from the on-device UNet, so the shadows are there too
+        if diffusers:
+            ema = EMAModel(self.unet.parameters(), foreach=True)
+            self._ema_step = lambda: ema.step(self.unet.parameters())
+        else:
+            ema = LitEmaModel(self.unet)
+            self._ema_step = lambda: ema.step(self.unet)
+        self.ema = ema
         buffers = trainer.scheduler.ldm_buffers()
         self.sqrt_ac = buffers["sqrt_alphas_cumprod"].to(device)
         self.sqrt_1m_ac = buffers["sqrt_one_minus_alphas_cumprod"].to(device)
@@ -124,16 +141,17 @@ class PlainLoop:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if with_ema:
-            self.ema.step(self.unet)
+            self._ema_step()
 
 
 class StepClock:
     """Times the Trainer's optimizer steps from its ``_after_step`` hook and runs the plain blocks in between."""
 
-    def __init__(self, trainer, plain: PlainLoop, device, warmup: int, iters: int):
-        self.trainer, self.plain, self.device = trainer, plain, device
+    def __init__(self, trainer, plains: dict[str, tuple[PlainLoop, bool]], device, warmup: int, iters: int):
+        """``plains``: contender name → (its loop, whether it updates an EMA)."""
+        self.trainer, self.plains, self.device = trainer, plains, device
         self.warmup, self.iters = warmup, iters
-        self.times = {name: {"wall": [], "cpu": []} for name in ("trainer", "plain", "plain+ema")}
+        self.times = {name: {"wall": [], "cpu": []} for name in ("trainer", *plains)}
         self.blocks = 0
         self._original = trainer._after_step
         trainer._after_step = self.after_step
@@ -154,12 +172,14 @@ class StepClock:
         if step > self.warmup:
             self._record("trainer")
         if step >= self.warmup and (step - self.warmup) % self.iters == 0:
-            # plain blocks between trainer blocks; their order alternates so neither always follows the trainer
-            order = ("plain", "plain+ema") if self.blocks % 2 == 0 else ("plain+ema", "plain")
+            # plain blocks between trainer blocks; their order rotates so none always follows the trainer
+            names = list(self.plains)
+            order = names[self.blocks % len(names) :] + names[: self.blocks % len(names)]
             for name in order:
+                loop, with_ema = self.plains[name]
                 for _ in range(self.iters if step > self.warmup else self.warmup):
                     self._mark()
-                    self.plain.step(with_ema=name == "plain+ema")
+                    loop.step(with_ema=with_ema)
                     if step > self.warmup:
                         self._record(name)
             self.blocks += 1
@@ -182,8 +202,11 @@ def run(args, device: torch.device) -> dict:
             raise SystemExit(f"--device {device}: the Trainer's Accelerator chose {trainer.accelerator.device}")
         dataset = RandomImages(**config["data"]["params"]["train"]["params"])
         plain = PlainLoop(trainer, dataset, batch, args.workers, device)
+        plains = {"plain": (plain, False), "plain+ema": (plain, True)}
+        if args.diffusers:
+            plains["diffusers+ema"] = (PlainLoop(trainer, dataset, batch, args.workers, device, diffusers=True), True)
         trainer.settings.max_steps = args.warmup + args.rounds * args.iters
-        clock = StepClock(trainer, plain, device, args.warmup, args.iters)
+        clock = StepClock(trainer, plains, device, args.warmup, args.iters)
         trainer.fit()
         n_params = count_params(trainer.unet)
     base = statistics.median(clock.times[BASELINE]["wall"])
@@ -192,6 +215,10 @@ def run(args, device: torch.device) -> dict:
         wall, cpu = summarize(t["wall"]), summarize(t["cpu"])
         results[name] = {"wall": wall, "cpu": cpu, "img_per_s": batch / (wall["median_ms"] / 1e3),
                          "ratio_vs_plain": wall["median_ms"] / 1e3 / base}  # fmt: skip
+    if "diffusers+ema" in results:
+        theirs = results["diffusers+ema"]["wall"]["median_ms"]
+        for entry in results.values():
+            entry["ratio_vs_diffusers"] = entry["wall"]["median_ms"] / theirs
     return {"model": args.model, "batch": batch, "parameters": n_params, "unet_params": unet_params(args.model),
             "workers": args.workers, "results": results}  # fmt: skip
 
@@ -218,9 +245,12 @@ def parse_args(argv):
     p.add_argument("--batch", type=int, default=None, help="override the batch size")
     p.add_argument("--timesteps", type=int, default=1000, help="diffusion steps T of the config")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers (both loops)")
+    p.add_argument("--diffusers", action="store_true", help="add the diffusers+ema contender (diffusers' own UNet)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
     p.add_argument("--iters", type=int, default=4, help="optimizer steps of each contender per round")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps of each contender first")
+    p.add_argument("--latent", choices=["digits", "digits32"], default=None,
+                   help="instead: LatentDiffusion with/without the latent cache (bench_train_latent.py)")  # fmt: skip
     args = p.parse_args(argv)
     if args.rounds < 1 or args.iters < 1 or args.warmup < 0 or args.workers < 0:
         p.error("--rounds/--iters must be ≥ 1, --warmup/--workers ≥ 0")
@@ -234,6 +264,13 @@ def main(argv: list[str] | None = None) -> dict:
     device = setup_device(args.device, args.threads if args.device == "cpu" else None)
     report = {"benchmark": "train", "machine": machine(device), "rounds": args.rounds, "iters": args.iters,
               "warmup": args.warmup}  # fmt: skip
+    if args.latent:
+        import bench_train_latent
+
+        report["result"] = bench_train_latent.run(args, device)
+        bench_train_latent.print_report(report)
+        write_json(args.json, report)
+        return report
     report["result"] = run(args, device)
     if device.type == "cuda" and args.model in CUDA_TARGETS:
         got = report["result"]["results"]["trainer"]["img_per_s"]

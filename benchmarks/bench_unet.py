@@ -54,6 +54,13 @@ MODELS: dict[str, dict] = {
                  "attention_resolutions": [2], "num_res_blocks": 1, "channel_mult": [1, 2], "num_head_channels": 32},
         "batch": 2, "shape": (3, 16, 16),
     },
+    # the smoke-test size of the cross-attention family (diffusers' UNet2DConditionModel)
+    "tiny_sd": {
+        "unet": {"image_size": 8, "in_channels": 4, "out_channels": 4, "model_channels": 32,
+                 "attention_resolutions": [2, 1], "num_res_blocks": 1, "channel_mult": [1, 2], "num_heads": 2,
+                 "use_spatial_transformer": True, "transformer_depth": 1, "context_dim": 32, "legacy": False},
+        "batch": 2, "shape": (4, 8, 8), "context": (7, 32),
+    },
     # the issue's CPU target; heads of 64 channels, as diffusers' attention_head_dim=64 (2 heads at the 128-wide level)
     "cpu_small": {
         "unet": {"image_size": 32, "in_channels": 3, "out_channels": 3, "model_channels": 64,
@@ -131,10 +138,11 @@ def build_original(cls, params: dict, ours) -> torch.nn.Module:
 
 
 def forward_fn(name: str):
-    """``f(model, x, t, context) -> tensor`` for each contender's calling convention."""
-    if name == "ours":
+    """``f(model, x, t, context) -> tensor`` for each contender's calling convention (``ours…``, ``diffusers…``,
+    ``original``)."""
+    if name.startswith("ours"):
         return lambda m, x, t, c: m(x, t, encoder_hidden_states=c).sample
-    if name == "diffusers":
+    if name.startswith("diffusers"):
         return lambda m, x, t, c: (m(x, t, encoder_hidden_states=c) if c is not None else m(x, t)).sample
     return lambda m, x, t, c: m(x, timesteps=t, context=c)
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
-"""Train a latent-diffusion ``DDPM`` from an original-style YAML with Accelerate.
+"""Train a latent-diffusion ``DDPM`` or ``LatentDiffusion`` from an original-style YAML with Accelerate.
 
     accelerate launch examples/train.py --config configs/digits_ddpm.yaml --output_dir runs/digits \
-        [--export-original] [key=value ...]
+        [--export-original] [--ldm_bug_compat] [--logvar_weighting true|false] [key=value ...]
 
 Trailing ``key=value`` items are OmegaConf dotlist overrides, as in CompVis ``main.py``
 (e.g. ``lightning.trainer.max_steps=4 model.params.timesteps=500``). Writes into OUTPUT_DIR: ``pipeline/`` (a
@@ -35,7 +35,19 @@ def parse_args(argv=None):
     p.add_argument("--report_to", default="tensorboard", help="tensorboard, wandb, or none")
     p.add_argument("--dataloader_num_workers", type=int, default=0)
     p.add_argument("--sample_steps", type=int, default=None, help="steps for logged samples (default: all T)")
-    p.add_argument("--nan_policy", choices=["stop", "skip"], default="stop")
+    p.add_argument("--nan_policy", choices=["stop", "skip"], default="stop",
+                   help="stop: end the run (found at the next log/checkpoint step; no sync per step); skip: skip "
+                   "the batch (reads one flag per step)")  # fmt: skip
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (state-dict keys unchanged)")
+    p.add_argument("--channels_last", action="store_true", help="UNet weights and activations in channels_last")
+    p.add_argument("--ldm_bug_compat", action="store_true",
+                   help="reproduce the original x0 lvlb_weights bug (YAML: ldm_compat.objective)")  # fmt: skip
+    p.add_argument("--logvar_weighting", choices=["true", "false"], default=None,
+                   help="weight the simple loss by logvar (default: what model.target's original class does: "
+                        "LatentDiffusion true, DDPM false)")  # fmt: skip
+    p.add_argument("--latent_cache", default=None, metavar="DIR",
+                   help="LatentDiffusion: cache the first-stage encodings (and frozen text encodings) in DIR, "
+                        "computed once and reused by later runs (docs/training.md)")  # fmt: skip
     p.add_argument("overrides", nargs="*", help="OmegaConf dotlist overrides, key=value")
     return p.parse_args(argv)
 
@@ -49,8 +61,18 @@ def main(argv=None) -> int:
         return 2
 
 
+def objective_overrides(args) -> list[str]:
+    """The objective flags as dotlist overrides of the YAML's ``ldm_compat.objective`` (they win over it)."""
+    out = []
+    if args.ldm_bug_compat:
+        out.append("ldm_compat.objective.ldm_bug_compat=true")
+    if args.logvar_weighting is not None:
+        out.append(f"ldm_compat.objective.logvar_weighting={args.logvar_weighting}")
+    return out
+
+
 def run(args) -> int:
-    config = load_ldm_config(args.config, args.overrides)
+    config = load_ldm_config(args.config, args.overrides + objective_overrides(args))
     options = TrainOptions(
         output_dir=args.output_dir,
         seed=args.seed,
@@ -66,6 +88,9 @@ def run(args) -> int:
         dataloader_num_workers=args.dataloader_num_workers,
         sample_steps=args.sample_steps,
         nan_policy=args.nan_policy,
+        compile=args.compile,
+        channels_last=args.channels_last,
+        latent_cache=args.latent_cache,
     )
     outputs = train(config, options, source=args.config)
     for name, path in outputs.items():

@@ -53,7 +53,7 @@ def run(args) -> int:
     folder = Path(outputs["pipeline"])
 
     print(f"[demo] 2/4 sampling {args.num_samples} digits from {folder} (EMA weights)")
-    samples, _ = sample_pipeline(str(folder), args.num_samples, seed=args.seed, device="cpu")
+    samples, _ = sample_pipeline(str(folder), args.num_samples, seed=args.seed, device="cpu", progress=True)
     grid_path = output / "samples.png"
     shown = samples[:64].repeat_interleave(4, dim=-1).repeat_interleave(4, dim=-2)  # 8×8 digits are tiny: 4× nearest
     save_grid(make_grid(shown, nrow=8), grid_path)

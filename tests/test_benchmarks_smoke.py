@@ -114,3 +114,47 @@ def test_train_tiny_times_each_contender(tmp_path):
     assert all(r["wall"]["n"] == 2 and r["img_per_s"] > 0 for r in results.values())
     assert results["plain"]["ratio_vs_plain"] == 1.0
     assert json.loads(out.read_text())["result"]["batch"] == 4
+
+
+def test_train_latent_times_with_and_without_the_cache(tmp_path):
+    report = bench_train.main(["--latent", "digits", "--batch", "4", "--rounds", "1", "--iters", "2", "--warmup", "0",
+                               "--threads", "1", "--timesteps", "10", "--json", str(tmp_path / "l.json")])  # fmt: skip
+    results = report["result"]["results"]
+    assert set(results) == {"on-the-fly", "cached"}
+    assert all(r["wall"]["n"] == 2 and r["img_per_s"] > 0 for r in results.values())
+    assert results["cached"]["speedup_vs_on_the_fly"] > 0 and report["result"]["cache_build_s"] > 0
+
+
+def test_gpu_suite_smoke_runs_every_section_and_writes_json_and_table(tmp_path):
+    import gpu_suite
+
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# Results\n\nearlier text\n")
+    args = ["--smoke", "--results-dir", str(tmp_path / "results"), "--results-md", str(md)]
+    report = gpu_suite.main(args)
+    sections = report["sections"]
+    assert list(sections) == list(gpu_suite.SECTIONS)
+    assert {k: v["status"] for k, v in sections.items()} == dict.fromkeys(gpu_suite.SECTIONS, "ok"), {
+        k: v.get("error") for k, v in sections.items()
+    }
+    saved = json.loads(Path(report["json"]).read_text())
+    assert saved["machine"]["torch"] == torch.__version__ and saved["machine"]["diffusers"]
+    # every figure is a ratio against diffusers' own model (or EMAModel) measured in the same run
+    figures = {row["figure"]: row for row in saved["summary"]}
+    for name in ("celebahq64 train img/s", "sd15 infer img/s", "e2e celebahq64 img/s", "ema 274M ms",
+                 "celebahq64 infer img/s (compiled)"):  # fmt: skip
+        assert figures[name]["ours"] > 0 and figures[name]["diffusers"] > 0 and figures[name]["ratio"] > 0, name
+    assert figures["no host sync between check points"]["met"] is None  # nothing to check on the CPU
+    unet = sections["unet"]["result"]
+    assert unet["sd15"]["contenders"]["diffusers"]["class"] == "UNet2DConditionModel"
+    assert unet["celebahq64"]["contenders"]["diffusers"]["class"] == "UNet2DModel"
+    assert unet["sd15"]["contenders"]["diffusers"]["max_abs_diff_vs_ours_fp32"] <= 1e-5
+    assert sections["ema"]["result"]["half_params"]["ours_shadow_dtypes"] == ["torch.float32"]
+    assert sections["compiled"]["result"]["celebahq64"]["fullgraph"] is True
+    assert all(v["linear_over_conv"] > 0 for v in sections["projection"]["result"].values())
+    # the table went in after the existing text; a second run of the same name replaces it
+    text = md.read_text()
+    assert text.startswith("# Results\n\nearlier text\n") and text.count("<!-- gpu_suite ") == 1
+    assert "| e2e celebahq64 img/s |" in text
+    gpu_suite.write_markdown(md, gpu_suite.markdown(saved, Path(report["json"]).stem), Path(report["json"]).stem)
+    assert md.read_text() == text

@@ -170,3 +170,24 @@ def test_evaluate_command_samples_a_pipeline_folder(tmp_path, capsys):
     scores = json.loads(out.read_text())["scores"]
     assert scores["num_samples"] == 6 and np.isfinite(scores["frechet_distance"])
     assert "sampling 6 images" in capsys.readouterr().out
+
+
+def test_sample_pipeline_progress_bars_change_nothing_but_the_output(tmp_path, capsys, monkeypatch):
+    pipelines = pytest.importorskip("ldm_compat.pipelines.pipeline_ldm_compat")
+    from ldm_compat.evaluation.evaluate import sample_pipeline
+
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    unet = {
+        "target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
+        "params": dict(image_size=8, in_channels=1, out_channels=1, model_channels=32, attention_resolutions=[],
+                       num_res_blocks=1, channel_mult=[1], num_heads=1),
+    }  # fmt: skip
+    config = {"model": {"params": {"unet_config": unet, "timesteps": 4, "image_size": 8, "channels": 1}}}
+    pipelines.LDMCompatPipeline.from_ldm_config(config).save_pretrained(tmp_path / "pipe")
+    capsys.readouterr()
+    quiet, _ = sample_pipeline(str(tmp_path / "pipe"), 6, batch_size=4, device="cpu")
+    assert "sampling batch" not in capsys.readouterr().err
+    shown, _ = sample_pipeline(str(tmp_path / "pipe"), 6, batch_size=4, device="cpu", progress=True)
+    err = capsys.readouterr().err
+    assert "sampling batch 1/2" in err and "sampling batch 2/2" in err and "4/4" in err  # T = 4 steps per batch
+    assert torch.equal(quiet, shown)

@@ -1,14 +1,10 @@
 """The pure schedule helpers against the original code's outputs (``fixtures/ldm_reference``, ``ldm_schedules``)."""
 
-import json
-from functools import cache
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 from reference_cases import CASES, load_case
-from safetensors.torch import load_file
+from schedule_traces import META, original_buffers, trace_tensors
 
 from ldm_compat.schedulers import (
     LDM_BUFFER_NAMES,
@@ -22,21 +18,7 @@ from ldm_compat.schedulers import (
     match_buffers,
 )
 
-SCHEDULES = Path(__file__).parent / "fixtures" / "ldm_schedules"
-
-
-@cache
-def schedule_fixture():
-    meta = json.loads((SCHEDULES / "schedules.json").read_text())
-    return meta, load_file(SCHEDULES / "schedules.safetensors")
-
-
-SCHEDULE_CASES = sorted(json.loads((SCHEDULES / "schedules.json").read_text())["schedules"])
-
-
-def original_buffers(name):
-    _, tensors = schedule_fixture()
-    return {key: tensors[f"schedule.{name}.{key}"] for key in LDM_BUFFER_NAMES}
+SCHEDULE_CASES = sorted(META["schedules"])
 
 
 def betas_for(params):
@@ -62,9 +44,9 @@ def test_buffers_bit_equal_to_reference_checkpoints(name):
 
 @pytest.mark.parametrize("name", SCHEDULE_CASES)
 def test_buffers_bit_equal_to_original_register_schedule(name):
-    meta, _ = schedule_fixture()
-    params = meta["schedules"][name]["params"]
-    expected = original_buffers(name)
+    # float64 numpy cast to float32, as the original: bit-equal on every machine
+    params = META["schedules"][name]["params"]
+    expected = original_buffers(name, LDM_BUFFER_NAMES)
     buffers = ldm_schedule_buffers(betas_for(params), params["v_posterior"])
     for key in LDM_BUFFER_NAMES:
         assert torch.equal(buffers[key], expected[key]), key
@@ -112,11 +94,11 @@ def test_intermediate_timesteps_follow_p_sample_loop():
 
 
 def test_intermediate_counts_match_the_original_traces():
-    meta, tensors = schedule_fixture()
-    for name, trace in meta["ddpm_traces"].items():
+    tensors = trace_tensors()
+    for name, trace in META["ddpm_traces"].items():
         kept = ldm_intermediate_timesteps(trace["timesteps"], trace["log_every_t"])
         assert tensors[f"ddpm.{name}.intermediates"].shape[0] == 1 + len(kept)
-    for name, trace in meta["ddim_traces"].items():
+    for name, trace in META["ddim_traces"].items():
         steps = tensors[f"ddim.{name}.timesteps"].shape[0]
         assert tensors[f"ddim.{name}.x_inter"].shape[0] == 1 + len(ddim_intermediate_steps(steps, trace["log_every_t"]))
 
@@ -130,8 +112,8 @@ def test_ddim_timesteps_match_reference(name):
 
 
 def test_ddim_timesteps_match_original_traces():
-    meta, tensors = schedule_fixture()
-    for name, trace in meta["ddim_traces"].items():
+    tensors = trace_tensors()
+    for name, trace in META["ddim_traces"].items():
         if trace["ddim_use_original_steps"]:
             continue
         got = make_ddim_timesteps(trace["discretize"], trace["steps"], trace["timesteps"])

@@ -95,3 +95,16 @@ def test_bad_config_is_a_clear_error():
     with pytest.raises(ValueError, match="ucg generator"):
         ucg_mask(3, 0.5, generator=42)
     assert check_ucg_training(None) == {}
+
+
+def test_processes_drop_their_slice_of_the_global_batch():
+    labels = torch.arange(8)
+    torch.manual_seed(5)
+    _, whole = apply_ucg({"class_label": labels}, {"class_label": {"p": 0.5, "val": -1}})
+    halves = []
+    for rank in range(2):
+        torch.manual_seed(5)
+        _, mask = apply_ucg({"class_label": labels[4 * rank : 4 * rank + 4]}, {"class_label": {"p": 0.5, "val": -1}},
+                            num_processes=2, process_index=rank)  # fmt: skip
+        halves.append(mask["class_label"])
+    assert np.array_equal(np.concatenate(halves), whole["class_label"]) and 0 < whole["class_label"].sum() < 8

@@ -423,3 +423,33 @@ def test_half_precision_weights_from_pretrained(tmp_path):
         out = half(x.to(torch.bfloat16), t).sample
     assert out.dtype == torch.bfloat16
     assert ((out.float() - ref).norm() / ref.norm()).item() < 0.05
+
+
+# ---------------------------------------------------------------------------------------------- resampling
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_weightless_resampling(dims):
+    """``resample``: nearest-neighbour 2× up, 2× average down, over the last two dims of 3-D signals (frames kept)."""
+    from ldm_compat.models.resnet import Downsample, ResBlock, Upsample, resample
+
+    x = torch.randn((2, 3) + (2, 4, 6)[3 - dims :])
+    spatial = [x.ndim - 1 - i for i in range(min(dims, 2))]  # the resampled dimensions
+    up = x
+    for d in spatial:
+        up = up.repeat_interleave(2, dim=d)
+    assert torch.equal(resample(x, "up", dims), up)
+    assert torch.equal(Upsample(3, False, dims)(x), up)
+    cells = list(x.shape[:2]) + ([x.shape[2]] if dims == 3 else [])
+    for size in x.shape[x.ndim - len(spatial) :]:
+        cells += [size // 2, 2]
+    down = x.reshape(cells).mean(dim=[len(cells) - 1 - 2 * i for i in range(len(spatial))])
+    torch.testing.assert_close(resample(x, "down", dims), down, rtol=0, atol=1e-6)
+    torch.testing.assert_close(Downsample(3, False, dims)(x), down, rtol=0, atol=1e-6)
+    # resblock_updown adds no weights: the same keys and shapes as a plain ResBlock
+    plain = ResBlock(32, 8, 0.0, dims=dims)  # GroupNorm32: 32 channels at least
+    for flag in ("up", "down"):
+        block = ResBlock(32, 8, 0.0, dims=dims, **{flag: True})
+        assert [(k, v.shape) for k, v in block.state_dict().items()] == [
+            (k, v.shape) for k, v in plain.state_dict().items()
+        ]
+    with pytest.raises(ValueError, match="up and down"):
+        ResBlock(32, 8, 0.0, dims=dims, up=True, down=True)

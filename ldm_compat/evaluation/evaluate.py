@@ -41,15 +41,18 @@ def sample_pipeline(
     num_inference_steps: int | None = None,
     seed: int = 0,
     device: str | None = None,
+    progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Draw ``num_samples`` images in [-1, 1] from the ``LDMCompatPipeline`` in ``folder``; class-conditional
-    (``adm``) models get the labels ``i mod 10``, which are returned with the images (else ``None``)."""
+    (``adm``) models get the labels ``i mod 10``, which are returned with the images (else ``None``).
+    ``progress``: one progress bar per batch (the sampler's steps)."""
     from ldm_compat.pipelines.pipeline_ldm_compat import LDMCompatPipeline
 
     pipe = LDMCompatPipeline.from_pretrained(folder)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
+    pipe.set_progress_bar_config(disable=not progress)
+    batches = -(-num_samples // batch_size)
     key = pipe.config.conditioning_key
     if key not in (None, "adm"):
         raise ValueError(
@@ -59,6 +62,8 @@ def sample_pipeline(
     images, labels = [], []
     for start in range(0, num_samples, batch_size):
         count = min(batch_size, num_samples - start)
+        if progress:
+            pipe.set_progress_bar_config(desc=f"sampling batch {start // batch_size + 1}/{batches}", unit="step")
         kwargs = {}
         if key == "adm":
             kwargs["class_labels"] = torch.arange(start, start + count) % 10

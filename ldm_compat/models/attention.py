@@ -1,7 +1,10 @@
 """Attention modules of the original UNet: ``AttentionBlock`` (openaimodel) and ``SpatialTransformer`` (attention.py).
 
-All attention goes through ``torch.nn.functional.scaled_dot_product_attention`` with contiguous ``(B, heads, tokens,
-head_dim)`` q/k/v (a transposed view gives SDPA no speed-up). The head orderings of the original are kept exactly:
+Attention runs through diffusers' attention dispatcher (``attention_processor.LDMAttnProcessor``; SDPA by default)
+with q/k/v that are contiguous ``(B, heads, tokens, head_dim)`` tensors, handed over as transposed views in the
+dispatcher's ``(B, tokens, heads, head_dim)`` layout: the native backend transposes them back, so SDPA gets
+contiguous inputs (a non-contiguous layout gives SDPA no speed-up). The head orderings of the original are kept
+exactly:
 
 * ``QKVAttentionLegacy`` (default): the ``qkv`` rows are laid out ``[head][q, k, v][channel]``;
 * ``QKVAttention`` (``use_new_attention_order=True``): ``[q, k, v][head][channel]``.
@@ -18,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention_processor import LDMAttentionModuleMixin
 from .layers import CheckpointMixin, GroupNorm32, zero_module
 
 
@@ -37,7 +41,7 @@ def attention_block_heads(channels: int, num_heads: int, num_head_channels: int)
     return heads
 
 
-class AttentionBlock(CheckpointMixin, nn.Module):
+class AttentionBlock(CheckpointMixin, LDMAttentionModuleMixin, nn.Module):
     """Self-attention over all positions: ``norm``, ``qkv`` (Conv1d, 3C rows), attention, ``proj_out`` (zero-init).
 
     Unlike the original, which always recomputes this block in the backward pass (``checkpoint(..., True)``), it is
@@ -61,6 +65,7 @@ class AttentionBlock(CheckpointMixin, nn.Module):
         self.norm = GroupNorm32(channels)
         self.qkv = nn.Conv1d(channels, channels * 3, 1)
         self.proj_out = zero_module(nn.Conv1d(channels, channels, 1))
+        self._init_processor()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._maybe_checkpoint(x)
@@ -76,14 +81,14 @@ class AttentionBlock(CheckpointMixin, nn.Module):
         else:
             qkv = qkv.view(b, heads, 3, head_dim, length).permute(2, 0, 1, 4, 3)
         # one copy makes q, k and v contiguous (B, heads, T, head_dim) slices
-        q, k, v = qkv.contiguous().unbind(0)
-        a = F.scaled_dot_product_attention(q, k, v)  # (B, heads, T, head_dim)
+        q, k, v = qkv.contiguous().transpose(2, 3).unbind(0)  # (B, T, heads, head_dim) views
+        a = self._attend(q, k, v)  # (B, T, heads, head_dim)
         # back to the original's (B, heads·head_dim, T) channel order, which both orderings share
-        a = a.transpose(2, 3).reshape(b, c, length)
+        a = a.permute(0, 2, 3, 1).reshape(b, c, length)
         return (x + self.proj_out(a)).reshape(b, c, *spatial)
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(LDMAttentionModuleMixin, nn.Module):
     """Multi-head attention of ``x`` over ``context`` (self-attention when ``context`` is None), as the original
     ``CrossAttention``: ``to_q``/``to_k``/``to_v`` without bias, ``to_out.0`` Linear and ``to_out.1`` Dropout."""
 
@@ -97,19 +102,21 @@ class CrossAttention(nn.Module):
         self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
+        self._init_processor()
 
-    def _heads_first(self, t: torch.Tensor) -> torch.Tensor:
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        """``(B, N, heads·dim)`` → a ``(B, N, heads, dim)`` view of a contiguous ``(B, heads, N, dim)`` copy."""
         b, n, _ = t.shape
-        return t.view(b, n, self.heads, self.dim_head).transpose(1, 2).contiguous()
+        return t.view(b, n, self.heads, self.dim_head).transpose(1, 2).contiguous().transpose(1, 2)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
-        q = self._heads_first(self.to_q(x))
-        k = self._heads_first(self.to_k(context))
-        v = self._heads_first(self.to_v(context))
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, dim_head)
-        b, _, n, _ = out.shape
-        return self.to_out(out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head))
+        q = self._heads(self.to_q(x))
+        k = self._heads(self.to_k(context))
+        v = self._heads(self.to_v(context))
+        out = self._attend(q, k, v)  # (B, N, heads, dim_head)
+        b, n = out.shape[:2]
+        return self.to_out(out.reshape(b, n, self.heads * self.dim_head))
 
 
 class GEGLU(nn.Module):

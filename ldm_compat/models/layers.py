@@ -47,23 +47,30 @@ def conv_nd(dims: int, *args, **kwargs) -> nn.Module:
     raise ValueError(f"dims must be 1, 2 or 3, got {dims!r}")
 
 
-def avg_pool_nd(dims: int, *args, **kwargs) -> nn.Module:
-    """``avg_pool_nd``: a 1-D, 2-D or 3-D average pooling."""
-    if dims == 1:
-        return nn.AvgPool1d(*args, **kwargs)
-    if dims == 2:
-        return nn.AvgPool2d(*args, **kwargs)
-    if dims == 3:
-        return nn.AvgPool3d(*args, **kwargs)
-    raise ValueError(f"dims must be 1, 2 or 3, got {dims!r}")
-
-
 def zero_module(module: nn.Module) -> nn.Module:
     """``zero_module``: zero every parameter of ``module`` in place and return it."""
     with torch.no_grad():
         for p in module.parameters():
             p.zero_()
     return module
+
+
+_FREQUENCIES: dict[tuple, torch.Tensor] = {}
+
+
+def _frequencies(half: int, max_period: int, device: torch.device) -> torch.Tensor:
+    """``exp(-ln(max_period) · i / half)``, float32, on ``device``."""
+    if torch.compiler.is_compiling():
+        # in a compiled graph: made on the device, folded into the graph (exp may round differently there)
+        return torch.exp(torch.arange(0, half, dtype=torch.float32, device=device) * (-math.log(max_period)) / half)
+    key = (half, max_period, device)
+    freqs = _FREQUENCIES.get(key)
+    if freqs is None:
+        # made on the CPU as the original does (the same bits), copied to the device once: the original's copy per
+        # call is a host-to-device copy from pageable memory, which waits for the device every step
+        freqs = torch.exp(torch.arange(0, half, dtype=torch.float32) * (-math.log(max_period)) / half).to(device)
+        _FREQUENCIES[key] = freqs
+    return freqs
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
@@ -74,9 +81,7 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = 1000
     with ``flip_sin_to_cos=True, downscale_freq_shift=0``.
     """
     half = dim // 2
-    exponent = torch.arange(0, half, dtype=torch.float32) * (-math.log(max_period)) / half
-    freqs = torch.exp(exponent).to(device=timesteps.device)
-    args = timesteps[:, None].float() * freqs[None]
+    args = timesteps[:, None].float() * _frequencies(half, max_period, timesteps.device)[None]
     embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
         embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
@@ -107,5 +112,19 @@ class CheckpointMixin:
         # Only worth it (and only meaningful) when autograd records the graph.
         if self.gradient_checkpointing and torch.is_grad_enabled():
             func = self._gradient_checkpointing_func or default_checkpoint
-            return func(self._forward, *args)
+            return func(_Forward(self), *args)
         return self._forward(*args)
+
+
+class _Forward:
+    """``block._forward`` as a plain callable object. diffusers' ``enable_gradient_checkpointing()`` checkpoints
+    ``module.__call__``; for a bound method that is a C method-wrapper, which ``torch.compile`` cannot trace (a graph
+    break), while this object's ``__call__`` is Python."""
+
+    __slots__ = ("block",)
+
+    def __init__(self, block):
+        self.block = block
+
+    def __call__(self, *args):
+        return self.block._forward(*args)

@@ -2,7 +2,8 @@
 
 Module and attribute names follow the original so that state-dict keys are identical: ``in_layers.{0,2}``,
 ``emb_layers.1``, ``out_layers.{0,3}``, ``skip_connection``, ``op`` and ``conv``. Parameterless layers (SiLU,
-Dropout) keep their positions in the ``nn.Sequential`` containers for the same reason.
+Dropout) keep their positions in the ``nn.Sequential`` containers for the same reason. Weightless resampling adds
+no keys, so it is a function (``resample``) rather than a module.
 """
 
 from __future__ import annotations
@@ -11,68 +12,73 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import CheckpointMixin, GroupNorm32, avg_pool_nd, conv_nd, zero_module
+from .layers import CheckpointMixin, GroupNorm32, conv_nd, zero_module
+
+_AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
+
+
+def resample_factors(dims: int) -> tuple[int, ...]:
+    """The 2× resampling factor of each spatial dimension: a 3-D signal keeps its first one (frames)."""
+    return (1, 2, 2) if dims == 3 else (2,) * dims
+
+
+def resample(x: torch.Tensor, direction: str, dims: int) -> torch.Tensor:
+    """Parameterless 2× resampling of the spatial dimensions (``resample_factors``): ``"up"`` repeats every element
+    (nearest neighbour: copies, so the same bits however it is written), ``"down"`` averages each cell with torch's
+    ``avg_pool`` (what the original's ``AvgPoolNd`` modules call)."""
+    factors = resample_factors(dims)
+    if direction == "up":
+        return F.interpolate(x, scale_factor=factors, mode="nearest")
+    if direction == "down":
+        return _AVG_POOL[dims](x, kernel_size=factors, stride=factors)
+    raise ValueError(f"direction={direction!r}: expected 'up' or 'down'")
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour 2× upsampling, then a 3×3 convolution (``conv``) when ``use_conv``.
-
-    For ``dims=3`` only the inner two dimensions are upsampled, as in the original.
-    """
+    """2× nearest-neighbour upsampling (``resample``), followed by the 3×3 convolution ``conv`` if ``use_conv``."""
 
     def __init__(self, channels: int, use_conv: bool, dims: int = 2, out_channels: int | None = None, padding=1):
         super().__init__()
-        self.channels = channels
+        self.channels, self.dims = channels, dims
         self.out_channels = out_channels or channels
         self.use_conv = use_conv
-        self.dims = dims
+        # registered only when used, so that the state dict has conv.* exactly when the original has them
         if use_conv:
-            self.conv = conv_nd(dims, self.channels, self.out_channels, 3, padding=padding)
+            self.conv = conv_nd(dims, channels, self.out_channels, 3, padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dims == 3:
-            x = F.interpolate(x, (x.shape[2], x.shape[3] * 2, x.shape[4] * 2), mode="nearest")
-        else:
-            x = F.interpolate(x, scale_factor=2, mode="nearest")
-        if self.use_conv:
-            x = self.conv(x)
-        return x
+        wide = resample(x, "up", self.dims)
+        return self.conv(wide) if self.use_conv else wide
 
 
 class Downsample(nn.Module):
-    """2× downsampling: a stride-2 3×3 convolution when ``use_conv``, else average pooling (both named ``op``).
-
-    For ``dims=3`` only the inner two dimensions are downsampled, as in the original.
-    """
+    """2× downsampling: the strided 3×3 convolution ``op`` if ``use_conv``, else 2× average pooling
+    (``resample``), which has no weights and so cannot change the channel count."""
 
     def __init__(self, channels: int, use_conv: bool, dims: int = 2, out_channels: int | None = None, padding=1):
         super().__init__()
-        self.channels = channels
+        self.channels, self.dims = channels, dims
         self.out_channels = out_channels or channels
         self.use_conv = use_conv
-        self.dims = dims
-        stride = 2 if dims != 3 else (1, 2, 2)
+        if not use_conv and self.out_channels != channels:
+            raise ValueError(
+                f"Downsample without convolution (conv_resample=False) cannot change channels "
+                f"{channels} -> {self.out_channels}"
+            )
         if use_conv:
-            self.op = conv_nd(dims, self.channels, self.out_channels, 3, stride=stride, padding=padding)
-        else:
-            if self.channels != self.out_channels:
-                raise ValueError(
-                    f"Downsample without convolution (conv_resample=False) cannot change channels "
-                    f"{self.channels} -> {self.out_channels}"
-                )
-            self.op = avg_pool_nd(dims, kernel_size=stride, stride=stride)
+            self.op = conv_nd(dims, channels, self.out_channels, 3, stride=resample_factors(dims), padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.op(x)
+        return self.op(x) if self.use_conv else resample(x, "down", self.dims)
 
 
 class ResBlock(CheckpointMixin, nn.Module):
     """The original ``ResBlock``: GroupNorm-SiLU-conv, timestep embedding added (or FiLM with
     ``use_scale_shift_norm``), GroupNorm-SiLU-Dropout-conv (zero-initialised), plus a skip connection.
 
-    ``up``/``down`` resample both branches without parameters (``resblock_updown``). ``use_conv`` selects a 3×3
-    instead of a 1×1 skip convolution when the channel count changes. ``use_checkpoint`` recomputes the block in the
-    backward pass.
+    ``up``/``down`` resample both branches 2× without weights (``resblock_updown``, see ``resample``).
+    ``use_conv`` selects a 3×3 instead of a 1×1 skip convolution when the channel count changes.
+    ``use_checkpoint`` recomputes the block in the backward pass.
     """
 
     def __init__(
@@ -99,15 +105,11 @@ class ResBlock(CheckpointMixin, nn.Module):
             nn.SiLU(),
             conv_nd(dims, channels, self.out_channels, 3, padding=1),
         )
-        self.updown = up or down
-        if up:
-            self.h_upd = Upsample(channels, False, dims)
-            self.x_upd = Upsample(channels, False, dims)
-        elif down:
-            self.h_upd = Downsample(channels, False, dims)
-            self.x_upd = Downsample(channels, False, dims)
-        else:
-            self.h_upd = self.x_upd = nn.Identity()
+        if up and down:
+            raise ValueError("ResBlock: up and down exclude each other")
+        # resblock_updown: both branches are resampled without weights, so nothing of it is in the state dict
+        self.dims = dims
+        self.resample = "up" if up else ("down" if down else None)
 
         emb_out = 2 * self.out_channels if use_scale_shift_norm else self.out_channels
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, emb_out))
@@ -128,13 +130,13 @@ class ResBlock(CheckpointMixin, nn.Module):
         return self._maybe_checkpoint(x, emb)
 
     def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        if self.updown:
-            # resample between the activation and the convolution, as the original does
-            h = self.in_layers[1](self.in_layers[0](x))
-            h = self.in_layers[2](self.h_upd(h))
-            x = self.x_upd(x)
-        else:
+        if self.resample is None:
             h = self.in_layers(x)
+        else:
+            # the main branch is resampled after its activation, right before its convolution
+            norm, act, conv = self.in_layers
+            h = conv(resample(act(norm(x)), self.resample, self.dims))
+            x = resample(x, self.resample, self.dims)
         emb_out = self.emb_layers(emb).to(h.dtype)
         emb_out = emb_out.reshape(emb_out.shape + (1,) * (h.ndim - emb_out.ndim))
         if self.use_scale_shift_norm:

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from diffusers import ConfigMixin, ModelMixin
+from diffusers.models.attention import AttentionMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 
@@ -63,7 +64,7 @@ def _same(a, b) -> bool:
     return (list(a) if isinstance(a, (list, tuple)) else a) == (list(b) if isinstance(b, (list, tuple)) else b)
 
 
-class LDMUNetModel(ModelMixin, ConfigMixin):
+class LDMUNetModel(ModelMixin, AttentionMixin, ConfigMixin):
     """The original openaimodel ``UNetModel`` (CompVis latent-diffusion and Stability-AI stablediffusion).
 
     Takes the original ``unet_config.params`` verbatim (see ``docs/unet.md`` for every option). ``sample_size`` is
@@ -74,7 +75,7 @@ class LDMUNetModel(ModelMixin, ConfigMixin):
 
     Deliberate differences from the original, none of which changes a value or a state-dict key:
 
-    * attention runs through ``scaled_dot_product_attention``;
+    * attention runs through diffusers' attention dispatcher (SDPA by default; ``set_attention_backend``);
     * ``use_checkpoint`` recomputes every ResBlock, AttentionBlock and transformer block in the backward pass
       (``torch.utils.checkpoint``, ``use_reentrant=False``); the original always recomputes AttentionBlocks (and,
       in CompVis, transformer blocks) even when it is off;
@@ -253,6 +254,14 @@ class LDMUNetModel(ModelMixin, ConfigMixin):
         self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), zero_module(out_conv))
         if p["n_embed"] is not None:
             self.id_predictor = nn.Sequential(GroupNorm32(ch), conv_nd(dims, mc, p["n_embed"], 1))
+
+    def fuse_qkv_projections(self):
+        raise NotImplementedError(
+            "LDMUNetModel: fuse_qkv_projections is not supported (AttentionBlock's qkv is one projection already; "
+            "CrossAttention keeps the original's to_q/to_k/to_v weights)"
+        )
+
+    unfuse_qkv_projections = fuse_qkv_projections
 
     # ------------------------------------------------------------------ original-format helpers
     @classmethod

@@ -62,9 +62,10 @@ LATENT_COMPONENT_NAMES = ("vae", "vqvae", "text_encoder", "tokenizer", "bert", "
 #: starting with ``_``; ``LDMCompatPipeline.load_config`` puts them back)
 STOCK_EXTRAS_KEY = "_ldm_compat"
 
-#: what ``LDMCompatPipeline.download`` fetches from a Hub repo: configs, safetensors weights, loader files, the
-#: tokenizer's files (vocab.txt, merges.txt), extras
-DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.py", "tokenizer/*", f"{EXTRAS_DIR}/*"]
+#: what ``LDMCompatPipeline.download`` fetches from a Hub repo: configs, safetensors weights, loader files, extras;
+#: tokenizer vocabularies are .json (CLIP vocab.json, tokenizer.json) and .txt (CLIP merges.txt, BERT vocab.txt),
+#: and whatever else a tokenizer folder holds
+DOWNLOAD_PATTERNS = ["*.json", "*.txt", "*.safetensors", "*.py", "tokenizer/*", f"{EXTRAS_DIR}/*"]
 
 #: weight formats that unpickle on load; never written, pushed or downloaded by ldm_compat
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")

@@ -1,6 +1,7 @@
 """Schedulers: the original DDPM schedule and samplers as diffusers ``SchedulerMixin`` classes.
 
-- ``LDMDDPMScheduler``: ``register_schedule`` + ``q_sample`` + ``p_sample`` (ancestral sampling), bit-exact.
+- ``LDMDDPMScheduler``: ``register_schedule`` + ``q_sample`` + ``p_sample`` (ancestral sampling):
+  the original's float32 operations in its order (bit-equal to it on the same CPU).
 - ``LDMDDIMScheduler``: the original ``DDIMSampler``.
 - pure helpers: ``make_beta_schedule``, ``ldm_schedule_buffers``, ``make_ddim_timesteps``,
   ``ldm_intermediate_timesteps``, ``ddim_intermediate_steps``, ``ldm_params_to_config``, ``config_to_ldm_params``,

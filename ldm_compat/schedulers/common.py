@@ -246,7 +246,8 @@ class LDMScheduleMixin:
 
     # ------------------------------------------------------------------ original DDPM helpers
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
-        """Forward diffusion ``√ᾱ_t·x0 + √(1-ᾱ_t)·ε`` — the original ``q_sample`` (bit-equal in float32).
+        """Forward diffusion ``√ᾱ_t·x0 + √(1-ᾱ_t)·ε`` — the original ``q_sample``
+        (its float32 operations in its order: bit-equal to it on the same CPU).
 
         ``timesteps``: an int or a ``(batch,)`` tensor. Half-precision inputs are computed in float32 and returned
         in their own dtype.

@@ -38,7 +38,7 @@ def stock_ddim_overrides() -> dict[str, Any]:
 
 
 class LDMDDIMScheduler(LDMScheduleMixin, SchedulerMixin, ConfigMixin):
-    """The original ``DDIMSampler``: DDIM steps on the original schedule, bit-exact in float32.
+    """The original ``DDIMSampler``: DDIM steps on the original schedule, bit-equal to it on the same CPU.
 
     ``set_timesteps(S)`` gives the original grid (uniform: ``range(0, T, T // S) + 1``, so ``T % S != 0`` runs more
     than ``S`` steps, each going back ``T // S``); the last step goes to ``alphas_cumprod[0]``, not to 1. No clipping
@@ -230,7 +230,8 @@ class LDMDDIMScheduler(LDMScheduleMixin, SchedulerMixin, ConfigMixin):
         noise_dropout: float = 0.0,
         use_clipped_model_output: bool = False,
     ) -> DDIMSchedulerOutput | tuple:
-        """One step of the original ``p_sample_ddim`` (bit-equal in float32).
+        """One step of the original ``p_sample_ddim``
+        (its float32 operations in its order: bit-equal to it on the same CPU).
 
         ``eta``, ``temperature`` and ``noise_dropout`` are the original sampler's options. ``variance_noise``
         replaces the drawn noise; without it, noise is drawn with ``generator`` at every step (also when

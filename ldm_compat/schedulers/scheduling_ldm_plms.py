@@ -37,7 +37,7 @@ def norm_thresholding(x0: torch.Tensor, value: float) -> torch.Tensor:
 
 
 class LDMPLMSScheduler(LDMDDIMScheduler):
-    """The original ``PLMSSampler``, bit-exact in float32 (``eta`` must be 0, as the original insists).
+    """The original ``PLMSSampler``, bit-equal to it on the same CPU (``eta`` must be 0, as the original insists).
 
     Same config as ``LDMDDIMScheduler`` (build it with ``from_config`` of any ldm_compat scheduler's config) and the
     same grid: ``set_timesteps(S)`` is the original ``make_schedule(S)`` (uniform by default). ``timesteps`` then has

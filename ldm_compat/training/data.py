@@ -126,9 +126,9 @@ class ImageDataset(Dataset):
         self.caption_column = _pick_column(columns, caption_column, CAPTION_COLUMNS, "caption_column", where)
         self.hf = _readable(hf, self.image_column)
         # labels/captions (and small array images, e.g. the digits) are read once: per-row Arrow access is slow
-        self._columns = {
-            c: self.hf.with_format(None)[c] for c in (self.label_column, self.caption_column) if c is not None
-        }
+        # list(): datasets ≥ 4 returns a lazy Column whose every [row] is an Arrow read
+        columns = (c for c in (self.label_column, self.caption_column) if c is not None)
+        self._columns = {c: list(self.hf.with_format(None)[c]) for c in columns}
         self._images = _in_memory_images(self.hf, self.image_column)
         self.image_key, self.image_size, self.interpolation = image_key, image_size, interpolation
         self.flip_p, self.mode, self.value_range = float(flip_p), mode, tuple(float(v) for v in value_range)
@@ -222,12 +222,16 @@ class ImageDataset(Dataset):
             )  # fmt: skip
         except (OSError, ValueError) as err:  # e.g. a truncated file that only fails when its pixels are read
             raise CorruptImageError(f"{type(err).__name__}: {err}") from None
-        item: dict[str, Any] = {self.image_key: array}
+        return {self.image_key: array, **self.fields(row)}
+
+    def fields(self, row: int) -> dict[str, Any]:
+        """The item's entries other than the image (``class_label``, ``caption``/``txt``), without decoding it."""
+        item: dict[str, Any] = {}
         if self.label_column is not None:
-            label = self._columns[self.label_column][row]
+            label = self._columns[self.label_column][int(row)]
             item["class_label"] = np.int64(label) if np.ndim(label) == 0 else np.asarray(label)
         if self.caption_column is not None:
-            caption = self._columns[self.caption_column][row]
+            caption = self._columns[self.caption_column][int(row)]
             item["caption"] = item["txt"] = "" if caption is None else str(caption)
         return item
 
@@ -375,7 +379,8 @@ def build_dataloader(
         raise ValueError(f"num_workers={num_workers!r}: expected an integer ≥ 0")
     if len(dataset) == 0:
         raise ValueError("build_dataloader: the dataset is empty")
-    own = isinstance(dataset, ImageDataset)
+    # ImageDataset, or a dataset serving its items the same way (keys (epoch, index), flips seeded by .seed)
+    own = isinstance(dataset, ImageDataset) or getattr(dataset, "keys_with_epoch", False)
     if own and dataset.seed is None:
         dataset.seed = seed
     sampler = SeededSampler(len(dataset), shuffle=shuffle, seed=seed, with_epoch=own)

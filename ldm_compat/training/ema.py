@@ -29,6 +29,7 @@ import torch
 from diffusers.training_utils import EMAModel
 from torch import nn
 
+from ldm_compat.training.ema_sharded import local_pairs, local_tensors
 from ldm_compat.training.ema_update import FusedEmaUpdate, as_float32, litema_decay, one_minus_float32
 
 logger = logging.getLogger(__name__)
@@ -214,6 +215,7 @@ class LitEmaModel(EMAModel):
             shadows, params = [shadows[i] for i in keep], [params[i] for i in keep]
         if not shadows:
             return
+        shadows, params = local_pairs(shadows, params)  # FSDP2: each process averages its own shards
         if shadows[0].device != params[0].device:
             raise ValueError(
                 f"LitEmaModel: shadows are on {shadows[0].device}, parameters on {params[0].device}; call .to(device)"
@@ -231,7 +233,8 @@ class LitEmaModel(EMAModel):
         """Write the averages into the tracked parameters (LitEma ``copy_to``); untracked ones are left alone."""
         params = self._resolve(model_or_parameters)
         if params:
-            torch._foreach_copy_([p.data for p in params], self.shadow_params)
+            shadows, params = local_pairs(self.shadow_params, [p.data for p in params])
+            torch._foreach_copy_(params, shadows)
 
     @torch.no_grad()
     def store(self, parameters: nn.Module | Iterable[torch.Tensor]) -> None:
@@ -253,7 +256,7 @@ class LitEmaModel(EMAModel):
                 f"LitEmaModel.restore: got {len(params)} parameters, stored {len(self.temp_stored_params)}"
             )
         if params:
-            torch._foreach_copy_([p.data for p in params], self.temp_stored_params)
+            torch._foreach_copy_(local_tensors([p.data for p in params]), local_tensors(self.temp_stored_params))
         self.temp_stored_params = None
 
     @contextlib.contextmanager

@@ -117,9 +117,15 @@ def init_from_ckpt(
     load_only_unet: bool = False,
     make_it_fit: bool = False,
     ldm_bug_compat: bool = False,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
 ) -> InitReport:
-    """Load an original checkpoint into ``unet`` (and ``ema``: a ``LitEmaModel``; ``objective``: its ``logvar``)."""
-    state_dict = state_dict_of(load_checkpoint(ckpt_path), ckpt_path)
+    """Load an original checkpoint into ``unet`` (and ``ema``: a ``LitEmaModel``; ``objective``: its ``logvar``).
+
+    ``state_dict``: the checkpoint's state dict when the caller has read it already (``ckpt_path`` then only names
+    it in the report)."""
+    if state_dict is None:
+        state_dict = state_dict_of(load_checkpoint(ckpt_path), ckpt_path)
+    state_dict = dict(state_dict)
     report = InitReport(path=str(ckpt_path))
     report.ignored = _drop_ignored(state_dict, ignore_keys)
 

@@ -7,22 +7,26 @@ steps. Differences from the original harness, each deliberate:
   ``num_nodes``); ``scale_lr=False`` uses ``base_learning_rate`` as given.
 - ``scheduler_config`` is honoured for pixel-space DDPM too (the original only used it in LatentDiffusion).
 - Checkpoints are written atomically; resume restores weights, EMA, optimizer, LR schedule, RNG and data position.
+- A training step never waits for the device: losses and the non-finite check stay there until a check point (a log
+  step, checkpoint, image log, validation, the last step; ``step_log``), so ``--nan_policy stop`` stops there.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-from contextlib import nullcontext
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ldm_compat.training import distributed
 from ldm_compat.training.checkpoints import resolve_checkpoint, write_checkpoint
+from ldm_compat.training.outputs import TrainerOutputs
 from ldm_compat.training.settings import TrainSettings
+from ldm_compat.training.step_log import Position, StepLog, all_finite, describe_loss
 
 logger = logging.getLogger(__name__)
 
@@ -75,9 +79,12 @@ class TrainOptions:
     sample_steps: int | None = None  # inference steps for logged samples (default: all T, like the original)
     validation_batches: int = 4
     nan_policy: str = "stop"  # stop | skip
+    compile: bool = False  # torch.compile the UNet (in place: state-dict keys unchanged)
+    channels_last: bool = False  # UNet weights (and so activations) in channels_last memory format
+    latent_cache: str | None = None  # LatentDiffusion: folder of the first-stage/cond-stage cache (latent_cache.py)
 
 
-class Trainer:
+class Trainer(TrainerOutputs):
     def __init__(self, config, options: TrainOptions, source: str = "config"):
         self.config = config
         self.options = options
@@ -99,18 +106,27 @@ class Trainer:
 
     def _setup(self, options: TrainOptions) -> None:
         from accelerate import Accelerator
-        from accelerate.utils import ProjectConfiguration, set_seed
+        from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 
         self.accelerator = Accelerator(
             gradient_accumulation_steps=self.settings.accumulate_grad_batches,
             mixed_precision=options.mixed_precision,
+            # batches from pinned memory are copied without blocking the host (a blocking copy is a sync)
+            dataloader_config=DataLoaderConfiguration(non_blocking=True),
             log_with=None if options.report_to in (None, "none") else options.report_to,
             project_config=ProjectConfiguration(
                 project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")
             ),
+            **distributed.accelerator_kwargs(),
+        )
+        s = self.settings  # FSDP2 on the CPU, refusals, DeepSpeed's accumulation and clipping, a shared output folder
+        distributed.check_distributed_setup(
+            self.accelerator, self.output_dir, s.accumulate_grad_batches, s.gradient_clip_val
         )
         set_seed(options.seed)
         self.state = RunState()
+        self.step_log = StepLog()
+        self.last_logged: dict = {}
         self._build_model()
         self._build_data()
         self._build_optimization()
@@ -124,7 +140,7 @@ class Trainer:
             folder = folder.parent
         try:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            probe = self.output_dir / ".write_test"
+            probe = self.output_dir / f".write_test-{uuid.uuid4().hex}"  # one per process: they may share the folder
             probe.write_text("ok")
             probe.unlink()
         except OSError as err:
@@ -137,8 +153,23 @@ class Trainer:
         from ldm_compat.training.objective import DDPMObjective
 
         params = self.settings.params
+        self.latent = None  # LatentDiffusion: first stage, cond stage, scale factor (training/latent_model.py)
+        if self.settings.is_latent:
+            from ldm_compat.training.latent_model import build_latent_model
+
+            self.latent = build_latent_model(self.config, params, self.settings.source, self.accelerator)
         self.unet = LDMUNetModel.from_ldm_config(params["unet_config"])
-        self.objective = DDPMObjective.from_ldm_config(params)
+        if self.options.channels_last:
+            if self.unet.config.dims != 2:
+                raise ValueError(
+                    f"--channels_last: needs a 2-D UNet (unet_config.params.dims), got {self.unet.config.dims}"
+                )
+            # before the EMA is built, so its shadows get the same strides (the fused update wants them equal)
+            self.unet.to(memory_format=torch.channels_last)
+        if self.latent is not None:
+            from ldm_compat.training.latent_objective import LatentDiffusionObjective as DDPMObjective
+        self.objective = DDPMObjective.from_ldm_config(params, **self.settings.objective_flags)
+        self.accelerator.print(self.settings.deviation_report(self.objective))
         self.scheduler = LDMDDPMScheduler.from_ldm_config(params)
         self.ema = None
         if self.settings.use_ema:
@@ -148,6 +179,8 @@ class Trainer:
         if params.get("ckpt_path"):
             from ldm_compat.training.init_ckpt import init_from_ckpt
 
+            if self.latent is not None:
+                init_from_ckpt = self.latent.init_from_ckpt  # also the first and cond stage, scale_factor
             report = init_from_ckpt(
                 params["ckpt_path"], self.unet, ema=self.ema, objective=self.objective,
                 ignore_keys=params.get("ignore_keys") or (), load_only_unet=bool(params.get("load_only_unet")),
@@ -159,20 +192,32 @@ class Trainer:
             if self.ema is not None and params.get("reset_num_ema_updates"):
                 self.ema.reset_num_updates()
         self.accelerator.print(count_params(self.unet, "LDMUNetModel"))
-        self.module = DDPMTrainModule(self.unet, self.objective)
+        if self.options.compile:
+            self.unet.compile()  # in place: the module, its parameters and state-dict keys stay what they are
+        if self.latent is None:
+            self.module = DDPMTrainModule(self.unet, self.objective)
+        else:
+            self.module = self.latent.train_module(self.unet, self.objective)
 
     def _build_data(self) -> None:
         from ldm_compat.training.data import build_dataloader, build_dataset
 
         data = self.settings.data
-        train = build_dataset(data, split="train", image_size=self.settings.params.get("image_size"))
+        image_size = self.settings.params.get("image_size")
+        if self.latent is not None and image_size is not None:
+            image_size = image_size * 2**self.latent.options.num_downs  # the model's image_size counts latents
+        train = build_dataset(data, split="train", image_size=image_size)
+        if self.latent is not None and self.options.latent_cache:
+            from ldm_compat.training.latent_cache import cached_dataset
+
+            train = cached_dataset(train, self.latent, self.options.latent_cache, self.accelerator)
         self.train_loader = build_dataloader(
             train, self.settings.batch_size, shuffle=True, num_workers=self.options.dataloader_num_workers,
             seed=self.options.seed,
         )  # fmt: skip
         self.val_loader = None
         if (data.get("params") or {}).get("validation") is not None:
-            val = build_dataset(data, split="validation", image_size=self.settings.params.get("image_size"))
+            val = build_dataset(data, split="validation", image_size=image_size)
             self.val_loader = build_dataloader(val, self.settings.batch_size, shuffle=False)
 
     def _build_optimization(self) -> None:
@@ -191,6 +236,9 @@ class Trainer:
         )
         # AdamW with torch defaults (weight_decay=0.01), as the original configure_optimizers
         parameters = list(self.unet.parameters())
+        if self.latent is not None:
+            # cond_stage_trainable: the original's "Also optimizing conditioner params!"
+            parameters += [p for m in self.latent.trainable_cond_modules().values() for p in m.parameters()]
         if self.objective.config.learn_logvar:
             parameters.append(self.objective.logvar)
         fused = torch.cuda.is_available() and self.accelerator.device.type == "cuda"
@@ -205,7 +253,10 @@ class Trainer:
             self.val_loader = self.accelerator.prepare(self.val_loader)
         if self.ema is not None:
             self.ema.to(self.accelerator.device)
-            self.accelerator.register_for_checkpointing(self.ema)
+            ema_state = distributed.ema_checkpoint_object(self.accelerator, self.ema, self.module)  # FSDP2: sharded
+            self.accelerator.register_for_checkpointing(ema_state)
+        if self.latent is not None:
+            self.accelerator.register_for_checkpointing(self.latent)
         self.accelerator.register_for_checkpointing(self.state)
 
     # ----------------------------------------------------------------------------------------------- loop
@@ -219,19 +270,27 @@ class Trainer:
         return epochs * per_epoch
 
     def get_input(self, batch):
+        """The model's ``x_start``: the image as ``b c h w``; for LatentDiffusion its encoding ``z``."""
+        if self.latent is not None:
+            return self.latent.get_input(batch)
         from ldm_compat.training.data import get_input
 
         return get_input(batch, self.settings.first_stage_key).to(self.accelerator.device)
 
     def get_cond_kwargs(self, batch) -> dict:
         """The batch's conditioning in the pipeline's (diffusers) names, on the device; ``{}`` if unconditional."""
+        if self.latent is not None:
+            return self.latent.cond_kwargs(self.latent.encoded_conditioning(batch))
         from ldm_compat.training.data import get_conditioning
 
         cond = get_conditioning(batch, self.objective.config.conditioning_key, self.settings.params) or {}
         return {k: v.to(self.accelerator.device) for k, v in cond.items()}
 
     def get_cond(self, batch):
-        """The batch's conditioning in the original's dict form (``c_concat``/``c_crossattn``/``c_adm``)."""
+        """The batch's conditioning in the original's dict form (``c_concat``/``c_crossattn``/``c_adm``); for
+        LatentDiffusion ``c`` of its ``get_input`` (the raw input when the cond stage is trained)."""
+        if self.latent is not None:
+            return self.latent.conditioning(batch)
         from ldm_compat.models.conditioning import original_cond
 
         return original_cond(self.objective.config.conditioning_key, **self.get_cond_kwargs(batch))
@@ -244,7 +303,7 @@ class Trainer:
         if path is None:
             self.accelerator.print(f"--resume_from_checkpoint {spec}: no checkpoint yet, starting a new run")
             return
-        self.accelerator.load_state(str(path))
+        distributed.load_state(self.accelerator, self.ema, str(path))
         self.accelerator.print(f"resumed from {path} at step {self.state.global_step}")
 
     def fit(self) -> dict:
@@ -258,7 +317,7 @@ class Trainer:
         module.train()
         progress = tqdm(total=self.max_steps, initial=self.state.global_step, disable=not acc.is_local_main_process,
                         desc="train", unit="step")  # fmt: skip
-        last_logs: dict = {}
+        shown = None
         while self.state.global_step < self.max_steps:
             loader = self.train_loader
             if hasattr(loader, "set_epoch"):
@@ -266,14 +325,16 @@ class Trainer:
             if self.state.batch_in_epoch:
                 loader = acc.skip_first_batches(loader, self.state.batch_in_epoch)
             for batch in loader:
-                last_logs = self._train_batch(module, batch) or last_logs
+                logs = self._train_batch(module, batch)
                 self.state.batch_in_epoch += 1
                 if not acc.sync_gradients:
                     continue
                 self.state.global_step += 1
                 progress.update(1)
-                progress.set_postfix(loss=f"{last_logs.get('train/loss', float('nan')):.4f}")
-                self._after_step(batch, last_logs)
+                self._after_step(batch, logs or {})
+                if self.last_logged is not shown and "train/loss" in self.last_logged:
+                    shown = self.last_logged
+                    progress.set_postfix(loss=f"{shown['train/loss']:.4f}")
                 if self.state.global_step >= self.max_steps:
                     break
             else:
@@ -282,30 +343,36 @@ class Trainer:
                 continue
             break
         progress.close()
+        self._check_finite()  # (the last step is a check point; this covers a loop that ended otherwise)
         acc.wait_for_everyone()
-        return last_logs
+        return self.last_logged
 
     def _train_batch(self, module, batch) -> dict | None:
         acc = self.accelerator
+        if self.latent is not None:
+            self.latent.on_train_batch_start(batch, self.state, acc)  # scale_by_std
         with acc.accumulate(module):
             if self.settings.params.get("ucg_training"):
                 from ldm_compat.training.ucg import apply_ucg
 
                 # SD2's unconditional-guidance dropout; draws from torch's seeded (and checkpointed) global RNG
-                batch, _ = apply_ucg(batch, self.settings.params["ucg_training"])
+                batch, _ = apply_ucg(batch, self.settings.params["ucg_training"], num_processes=acc.num_processes,
+                                     process_index=acc.process_index)  # fmt: skip
             x = self.get_input(batch)
             cond = self.get_cond(batch)
             t, noise = self._draw_t_and_noise(x)
             with acc.autocast():
                 loss, loss_dict = module(x, t, noise, cond)
-            finite = torch.isfinite(loss.detach()).all()
-            if acc.num_processes > 1:
-                # decide together: a process stopping or skipping alone would leave the others waiting in the
-                # gradient all-reduce forever
-                finite = acc.reduce(finite.float(), reduction="sum").item() == acc.num_processes
-            if not finite:
-                return self._non_finite(loss)
+            if self.options.nan_policy == "stop":
+                # read at the next check point (no sync now): nothing this run does after a bad batch is saved
+                self.step_log.watch(loss, Position(self.state.global_step, self.state.epoch, self.state.batch_in_epoch))
             acc.backward(loss)
+            # skip must decide now whether the optimizer, LR schedule and EMA step: the one read per step, made
+            # after the backward pass is queued so the device is busy while the host waits
+            if self.options.nan_policy == "skip" and not all_finite(loss, acc):
+                logger.warning("step %d: %s, batch skipped", self.state.global_step, describe_loss(loss.item()))
+                self.optimizer.zero_grad(set_to_none=True)
+                return None
             if acc.sync_gradients and self.settings.gradient_clip_val > 0:
                 acc.clip_grad_norm_(module.parameters(), self.settings.gradient_clip_val)
             self.optimizer.step()
@@ -314,7 +381,7 @@ class Trainer:
         if acc.sync_gradients and self.ema is not None:
             self.ema.step(acc.unwrap_model(module).unet)
         if acc.sync_gradients:
-            return {k: v.detach() for k, v in loss_dict.items()}
+            return loss_dict
         return None
 
     def _draw_t_and_noise(self, x):
@@ -327,28 +394,37 @@ class Trainer:
         acc, b = self.accelerator, x.shape[0]
         n, rank = acc.num_processes, acc.process_index
         t = torch.randint(0, self.objective.num_timesteps, (n * b,), device=x.device)
+        if self.latent is not None:
+            # LatentDiffusion draws the noise later, after what the cond stage draws (LatentTrainModule)
+            return t[rank * b : (rank + 1) * b], None
         noise = torch.randn((n * b, *x.shape[1:]), device=x.device, dtype=x.dtype)
         return t[rank * b : (rank + 1) * b], noise[rank * b : (rank + 1) * b]
 
-    def _non_finite(self, loss):
-        step, value = self.state.global_step, loss.item()
-        # with several processes this one's loss may be finite while another's is not
-        what = f"loss is {value} (not finite)" if not math.isfinite(value) else "another process's loss is not finite"
-        if self.options.nan_policy == "skip":
-            logger.warning("step %d: %s, batch skipped", step, what)
-            self.optimizer.zero_grad(set_to_none=True)
-            return None
-        raise FloatingPointError(
-            f"step {step}: {what}; stopped. The last good checkpoint is in "
-            f"{self.output_dir / 'checkpoints'} (use --nan_policy skip to skip such batches)"
-        )
+    def _check_finite(self) -> None:
+        """``--nan_policy stop``: raise if a loss since the last check point was not finite (``StepLog.check``)."""
+        self.step_log.check(self.accelerator.gather, self.state, self.output_dir / "checkpoints")
+
+    def _is_check_point(self, step: int) -> bool:
+        """Steps at which the loop reads the device: logging, and where it writes or samples anyway."""
+        s = self.settings
+        val = s.val_check_interval if self.val_loader is not None else None
+        every = (s.log_every_n_steps, self.options.checkpointing_steps, s.image_log_frequency, val)
+        return step >= self.max_steps or any(n and step % n == 0 for n in every)
 
     def _after_step(self, batch, logs: dict) -> None:
+        """Per optimizer step: keep ``logs`` on the device; at a check point, check, log and write."""
         acc, step = self.accelerator, self.state.global_step
-        scalars = {k: float(v) for k, v in acc.reduce(logs, reduction="mean").items()} if logs else {}
+        if logs:
+            self.step_log.add({k: v.detach() for k, v in logs.items()})
+        if not self._is_check_point(step):
+            return
+        self._check_finite()
+        # the mean of each value over the steps since the last log (every process's), then the step's LR
+        scalars = self.step_log.means(lambda values: acc.reduce(values, reduction="mean"))
         scalars["global_step"] = step
         scalars["lr_abs"] = self.optimizer.param_groups[0]["lr"]
         acc.log(scalars, step=step)
+        self.last_logged = scalars
         if self.options.checkpointing_steps and step % self.options.checkpointing_steps == 0:
             self.save_checkpoint()
         if self.settings.image_log_frequency and (step % self.settings.image_log_frequency == 0):
@@ -362,124 +438,9 @@ class Trainer:
         acc = self.accelerator
         # every process saves (its RNG state is its own); the main one publishes the folder
         return write_checkpoint(
-            self.output_dir / "checkpoints", self.state.global_step, acc.save_state,
+            self.output_dir / "checkpoints", self.state.global_step, lambda d: distributed.save_state(acc, self.ema, d),
             self.options.checkpoints_total_limit, is_main=acc.is_main_process, barrier=acc.wait_for_everyone,
         )  # fmt: skip
-
-    @torch.no_grad()
-    def validate(self) -> dict:
-        """The original ``validation_step``: ``val/*`` with the training weights, ``val/*_ema`` with the EMA."""
-        acc = self.accelerator
-        module = acc.unwrap_model(self.module)
-        module.eval()
-        generator = torch.Generator(device="cpu").manual_seed(self.options.seed)
-        totals: dict[str, float] = {}
-        count = 0
-        for index, batch in enumerate(self.val_loader):
-            if index >= self.options.validation_batches:
-                break
-            x, cond = self.get_input(batch), self.get_cond(batch)
-            t = torch.randint(0, self.objective.num_timesteps, (x.shape[0],), generator=generator).to(x.device)
-            noise = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
-            _, logs = module(x, t, noise, cond)
-            scopes = [("", None)]
-            if self.ema is not None:
-                scopes.append(("_ema", self.ema))
-            for suffix, ema in scopes:
-                if ema is not None:
-                    with ema.ema_scope(module.unet):
-                        _, logs = module(x, t, noise, cond)
-                for k, v in logs.items():
-                    totals[k + suffix] = totals.get(k + suffix, 0.0) + float(v)
-            count += 1
-        module.train()
-        metrics = {k: v / max(count, 1) for k, v in totals.items()}
-        acc.log(metrics, step=self.state.global_step)
-        monitor = self.settings.monitor
-        if monitor in metrics and (self.state.best_metric is None or metrics[monitor] < self.state.best_metric):
-            self.state.best_metric = metrics[monitor]
-            path = self.save_checkpoint()
-            if acc.is_main_process and path is not None:
-                best = {"monitor": monitor, "value": metrics[monitor], "checkpoint": path.name}
-                (self.output_dir / "checkpoints" / "best.json").write_text(json.dumps(best, indent=1))
-        return metrics
-
-    def sampling_pipeline(self):
-        from ldm_compat.pipelines.pipeline_ldm_compat import LDMCompatPipeline
-
-        unet = self.accelerator.unwrap_model(self.module).unet
-        params = self.settings.params
-        return LDMCompatPipeline(
-            unet=unet, scheduler=self.scheduler, conditioning_key=params.get("conditioning_key"),
-            image_size=params.get("image_size"), channels=params.get("channels"),
-        )  # fmt: skip
-
-    @torch.no_grad()
-    def log_images(self, batch) -> list[str]:
-        from ldm_compat.training.image_logging import log_images, write_image_log
-
-        acc = self.accelerator
-        if not acc.is_main_process:
-            return []
-        module = acc.unwrap_model(self.module)
-        module.eval()
-        generator = torch.Generator(device="cpu").manual_seed(self.options.seed + self.state.global_step)
-        pipe = self.sampling_pipeline()
-        pipe.set_progress_bar_config(disable=True)
-
-        cond_kwargs = self.get_cond_kwargs(batch)
-
-        def sample(n):
-            kwargs = {k: v[:n] for k, v in cond_kwargs.items()}
-            out = pipe(batch_size=n, generator=generator, output_type="latent", return_intermediates=True,
-                       num_inference_steps=self.options.sample_steps, **kwargs)  # fmt: skip
-            return out.images, out.intermediates
-
-        x = self.get_input(batch)
-        scope = self.ema.ema_scope(module.unet) if self.ema is not None else nullcontext()
-        with scope:
-            log = log_images(
-                x, module.objective.q_sample, self.objective.num_timesteps,
-                int(self.settings.params.get("log_every_t", 100)), sample=sample, generator=generator,
-            )  # fmt: skip
-        module.train()
-        tracker = None
-        try:
-            tracker = acc.get_tracker("tensorboard")
-        except Exception:  # no such tracker configured
-            tracker = None
-        return write_image_log(
-            log, self.output_dir, "train", self.state.global_step, self.state.epoch, self.state.batch_in_epoch,
-            self.settings.max_images, tracker=tracker,
-        )  # fmt: skip
-
-    def save_outputs(self) -> dict[str, str]:
-        """The diffusers folder (EMA weights for sampling, everything else kept) and, if asked, the original ckpt."""
-        from ldm_compat.convert.training_folder import write_training_folder
-
-        acc = self.accelerator
-        outputs: dict[str, str] = {}
-        if acc.is_main_process:
-            unet = acc.unwrap_model(self.module).unet
-            folder = self.output_dir / "pipeline"
-            write_training_folder(
-                folder, unet=unet, scheduler=self.scheduler, objective=self.objective, ema=self.ema,
-                config=self.config, global_step=self.state.global_step, epoch=self.state.epoch, overwrite=True,
-            )  # fmt: skip
-            outputs["pipeline"] = str(folder)
-            if self.options.export_original:
-                from ldm_compat.convert.export import diffusers_to_original
-
-                ckpt = self.output_dir / "original" / "model.ckpt"
-                diffusers_to_original(folder, ckpt, config_output=ckpt.with_suffix(".yaml"), overwrite=True)
-                outputs["original_ckpt"] = str(ckpt)
-            if self.options.push_to_hub:
-                from ldm_compat.pipelines.hub import push_folder
-
-                outputs["hub"] = push_folder(folder, self.options.hub_model_id or self.output_dir.name)
-        acc.wait_for_everyone()
-        acc.end_training()
-        return outputs
 
 
 def count_params(model: nn.Module, name: str) -> str:

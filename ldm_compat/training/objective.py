@@ -32,6 +32,22 @@ OBJECTIVE_KEYS = (
 )
 SCHEDULE_KEYS = ("timesteps", "beta_schedule", "linear_start", "linear_end", "cosine_s", "given_betas", "v_posterior")
 
+_ORIGINAL_MODULE = "ldm.models.diffusion.ddpm."
+# model.target → whether that original class's p_losses weights the simple loss by logvar. DDPM.p_losses never
+# reads logvar (with learn_logvar it is a parameter without gradient); LatentDiffusion.p_losses (and every
+# subclass in latent-diffusion and stablediffusion: none overrides p_losses) always does, learned or not.
+ORIGINAL_LOGVAR_WEIGHTING = {
+    _ORIGINAL_MODULE + "DDPM": False,
+    **{
+        _ORIGINAL_MODULE + name: True
+        for name in (
+            "LatentDiffusion", "Layout2ImgDiffusion", "LatentUpscaleDiffusion", "LatentFinetuneDiffusion",
+            "LatentInpaintDiffusion", "LatentDepth2ImageDiffusion", "LatentUpscaleFinetuneDiffusion",
+            "ImageEmbeddingConditionedLatentDiffusion",
+        )
+    },
+}  # fmt: skip
+
 
 def lvlb_weights_from_buffers(
     buffers: Mapping[str, torch.Tensor], alphas: torch.Tensor, parameterization: str, ldm_bug_compat: bool = False
@@ -76,7 +92,9 @@ class DDPMObjective(ModelMixin, ConfigMixin):
             routed like ``LatentDiffusion.apply_model``.
         logvar_weighting: apply ``loss_simple / exp(logvar_t) + logvar_t`` (``LatentDiffusion.p_losses``). ``None``
             (default) means "when ``learn_logvar``"; ``False`` is the pixel-space ``DDPM.p_losses``, which never
-            used ``logvar`` in the loss. With a constant ``logvar`` of 0 both give the same loss.
+            used ``logvar`` in the loss (a learned ``logvar`` then keeps ``logvar_init``: ``requires_grad=False``);
+            ``True`` is ``LatentDiffusion.p_losses``. With a constant ``logvar`` of 0 all give the same loss.
+            Training takes the default of ``model.target``'s class (``training.settings.objective_flags``).
         ldm_bug_compat: reproduce the original x0 ``lvlb_weights`` precedence bug (``2.*1 - ᾱ``).
         timesteps, beta_schedule, linear_start, linear_end, cosine_s, given_betas, v_posterior: the schedule, in
             the original's names and with its defaults (see ``LDMDDPMScheduler.from_ldm_config``); ``timesteps``
@@ -128,7 +146,9 @@ class DDPMObjective(ModelMixin, ConfigMixin):
         self.register_buffer("lvlb_weights", weights, persistent=False)
         logvar = torch.full((num_timesteps,), float(logvar_init))
         if learn_logvar:
-            self.logvar = nn.Parameter(logvar)
+            # a loss that never reads logvar leaves it at logvar_init, as the original DDPM did; no gradient is
+            # expected of it then, so multi-process training does not wait for one
+            self.logvar = nn.Parameter(logvar, requires_grad=self.weights_by_logvar)
         else:
             # the original kept a plain CPU tensor that crashed when indexed by CUDA timesteps; a buffer moves
             self.register_buffer("logvar", logvar, persistent=False)
@@ -157,6 +177,32 @@ class DDPMObjective(ModelMixin, ConfigMixin):
     def weights_by_logvar(self) -> bool:
         weighting = self.config.logvar_weighting
         return self.config.learn_logvar if weighting is None else bool(weighting)
+
+    def deviations(self, target: str | None) -> list[str]:
+        """What this objective does differently from the original class ``target`` (a ``model.target``), one
+        sentence each; empty when it computes the original's loss."""
+        out = []
+        config = self.config
+        if config.parameterization == "x0" and not config.ldm_bug_compat:
+            effect = "changes the loss" if config.original_elbo_weight else "changes only the logged loss_vlb"
+            out.append(
+                "x0 lvlb_weights use the intended 0.5·√ᾱ/(2·(1-ᾱ)), not the original's 0.5·√ᾱ/(2.*1-ᾱ) precedence "
+                f"bug ({effect}; ldm_compat.objective.ldm_bug_compat: true reproduces it)"
+            )
+        original = ORIGINAL_LOGVAR_WEIGHTING.get(target)
+        if original is not None and original != self.weights_by_logvar:
+            cls = target.rpartition(".")[2]
+            weighted, done = ("", "never does") if self.weights_by_logvar else ("not ", "always does")
+            out.append(
+                f"logvar_weighting={self.weights_by_logvar}: the simple loss is {weighted}weighted by logvar "
+                f"(loss / exp(logvar_t) + logvar_t), which {cls} {done}"
+            )
+        if target == _ORIGINAL_MODULE + "DDPM" and config.conditioning_key is not None:
+            out.append(
+                f"conditioning_key={config.conditioning_key!r}: the conditioning reaches the UNet as in "
+                "LatentDiffusion.apply_model (the original DDPM.p_losses passes none)"
+            )
+        return out
 
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """``√ᾱ_t·x0 + √(1-ᾱ_t)·ε`` — the original ``q_sample`` (same operation order, same bits)."""

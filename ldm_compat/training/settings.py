@@ -61,7 +61,12 @@ def check_ddpm_params(params: Mapping, source: str = "config") -> list[str]:
             )
     if "unet_config" not in params:
         raise ConfigError(f"{source}: model.params.unet_config is required (the UNetModel target and params)")
-    unknown = sorted(set(params) - DDPM_KEYS)
+    known = DDPM_KEYS
+    if params.get("first_stage_config") is not None:
+        from ldm_compat.convert.to_diffusers import LATENT_DIFFUSION_KEYS
+
+        known = known | LATENT_DIFFUSION_KEYS  # LatentDiffusion's own options (checked by training.latent_model)
+    unknown = sorted(set(params) - known)
     if unknown:
         warnings.warn(f"{source}: model.params keys not used by DDPM (ignored): {', '.join(unknown)}", stacklevel=2)
     if params.get("use_positional_encodings"):
@@ -73,6 +78,43 @@ def check_ddpm_params(params: Mapping, source: str = "config") -> list[str]:
     if params.get("reset_ema") and not params.get("ckpt_path"):
         raise ConfigError(f"{source}: model.params.reset_ema needs ckpt_path (as in stablediffusion)")
     return unknown
+
+
+# ldm_compat's own options, in a top-level YAML section the original main.py never reads (it uses model, data,
+# lightning), so a config carrying it still trains in the original code
+OWN_SECTION = "ldm_compat"
+OBJECTIVE_FLAGS = ("ldm_bug_compat", "logvar_weighting")
+
+
+def objective_flags(config: Mapping, source: str = "config") -> dict[str, bool]:
+    """``ldm_bug_compat`` and ``logvar_weighting`` for ``DDPMObjective`` from ``ldm_compat.objective`` of a whole
+    config; ``logvar_weighting`` defaults to what the original class of ``model.target`` does."""
+    from ldm_compat.training.objective import ORIGINAL_LOGVAR_WEIGHTING
+
+    section = config.get(OWN_SECTION)
+    section = {} if section is None else section
+    if not isinstance(section, Mapping) or set(section) - {"objective"}:
+        raise ConfigError(f"{source}: {OWN_SECTION}: expected a mapping with the one key 'objective', got {section!r}")
+    flags = section.get("objective")
+    flags = {} if flags is None else flags
+    where = f"{source}: {OWN_SECTION}.objective"
+    if not isinstance(flags, Mapping) or set(flags) - set(OBJECTIVE_FLAGS):
+        raise ConfigError(f"{where}: expected a mapping of {', '.join(OBJECTIVE_FLAGS)}, got {flags!r}")
+    bug_compat = flags.get("ldm_bug_compat")
+    bug_compat = False if bug_compat is None else bug_compat
+    weighting = flags.get("logvar_weighting")
+    for key, value in (("ldm_bug_compat", bug_compat), ("logvar_weighting", weighting)):
+        if value is not None and not isinstance(value, bool):
+            raise ConfigError(f"{where}.{key}={value!r}: expected true or false")
+    if weighting is None:
+        target = _get(config, "model.target")
+        weighting = ORIGINAL_LOGVAR_WEIGHTING.get(target)
+        if weighting is None:
+            raise ConfigError(
+                f"{source}: model.target={target!r} is not an original DDPM class; set {OWN_SECTION}.objective."
+                "logvar_weighting (true: LatentDiffusion's loss, false: DDPM's)"
+            )
+    return {"ldm_bug_compat": bug_compat, "logvar_weighting": weighting}
 
 
 @dataclass
@@ -89,8 +131,11 @@ class TrainSettings:
     image_log_frequency: int = 750  # lightning.callbacks.image_logger.params.batch_frequency
     max_images: int = 4
     val_check_interval: int | None = None
+    log_every_n_steps: int = 50  # lightning.trainer.log_every_n_steps, pytorch-lightning's default
     data: dict = field(default_factory=dict)  # the data section, params included
     source: str = "config"
+    target: str | None = None  # model.target
+    objective_flags: dict = field(default_factory=dict)  # DDPMObjective keywords (see objective_flags)
 
     @classmethod
     def from_config(cls, config: Mapping, source: str = "config") -> TrainSettings:
@@ -111,6 +156,9 @@ class TrainSettings:
         if max_steps is not None and (not isinstance(max_steps, int) or max_steps == 0 or max_steps < -1):
             raise ConfigError(f"{source}: lightning.trainer.max_steps={max_steps!r}: expected a positive integer")
         logger = _get(config, "lightning.callbacks.image_logger.params", {})
+        log_every = trainer.get("log_every_n_steps", 50)
+        if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
+            raise ConfigError(f"{source}: lightning.trainer.log_every_n_steps={log_every!r}: expected int ≥ 1")
         return cls(
             params=params,
             base_learning_rate=float(base_lr),
@@ -124,13 +172,29 @@ class TrainSettings:
             val_check_interval=trainer.get("val_check_interval")
             if isinstance(trainer.get("val_check_interval"), int)
             else None,
+            log_every_n_steps=log_every,
             data=dict(config.get("data") or {}),
             source=source,
+            target=_get(config, "model.target"),
+            objective_flags=objective_flags(config, source),
         )
+
+    def deviation_report(self, objective) -> str:
+        """One line for the start of training: what differs from the original ``model.target`` class, or that
+        nothing does."""
+        deviations = objective.deviations(self.target)
+        if not deviations:
+            return f"objective: as the original {self.target}"
+        return f"objective: deviations from the original {self.target}: " + "; ".join(deviations)
 
     @property
     def use_ema(self) -> bool:
         return bool(self.params.get("use_ema", True))
+
+    @property
+    def is_latent(self) -> bool:
+        """A ``LatentDiffusion`` run (``model.params.first_stage_config``)."""
+        return self.params.get("first_stage_config") is not None
 
     @property
     def first_stage_key(self) -> str:

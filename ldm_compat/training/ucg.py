@@ -89,10 +89,18 @@ def _replace(values: Any, mask: np.ndarray, val: Any, key: str) -> Any:
 
 
 def apply_ucg(
-    batch: Mapping[str, Any], ucg_training: Mapping | None, generator=None
+    batch: Mapping[str, Any],
+    ucg_training: Mapping | None,
+    generator=None,
+    *,
+    num_processes: int = 1,
+    process_index: int = 0,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Return ``(new_batch, masks)``: ``batch`` with the ``ucg_training`` replacements, and per key which entries
-    were replaced. ``batch`` itself is not modified (the original changed it in place)."""
+    were replaced. ``batch`` itself is not modified (the original changed it in place).
+
+    ``num_processes``/``process_index``: every process draws the masks of the whole global batch and keeps its own
+    slice, so N processes × b entries drop what 1 process × N·b entries drops (the random streams stay together)."""
     config = check_ucg_training(ucg_training)
     new_batch = dict(batch)
     masks: dict[str, np.ndarray] = {}
@@ -100,7 +108,8 @@ def apply_ucg(
         if key not in batch:
             raise ValueError(f"ucg_training.{key}: the batch has no key {key!r} (keys: {', '.join(map(str, batch))})")
         values = batch[key]
-        mask = ucg_mask(len(values), spec["p"], generator)
+        n = len(values)
+        mask = ucg_mask(n * num_processes, spec["p"], generator)[process_index * n : (process_index + 1) * n]
         val = "" if spec["val"] is None else spec["val"]
         new_batch[key] = _replace(values, mask, val, key)
         masks[key] = mask

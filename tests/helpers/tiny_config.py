@@ -23,6 +23,8 @@ TINY = {
     },
     "data": {"target": "main.DataModuleFromConfig", "params": {"batch_size": 4}},
     "lightning": {"trainer": {"max_steps": 4}, "callbacks": {"image_logger": {"params": {"batch_frequency": 0}}}},
+    # a trained logvar, so that checkpoints and resumes carry a changing one (the original DDPM never trains it)
+    "ldm_compat": {"objective": {"logvar_weighting": True}},
 }  # fmt: skip
 
 

@@ -92,6 +92,23 @@ class CondStage:
         return f"{type(self).__name__}(target={self.target!r}, components={{{parts}}}, kept={len(self.kept)} tensors)"
 
 
+class TextEncoderStage(CondStage):
+    """A cond stage held as ``text_encoder`` + ``tokenizer`` (CLIP, OpenCLIP): frozen unless ``freeze: false``."""
+
+    def __init__(self, params: Mapping | None, text_encoder: nn.Module, tokenizer, kept: Mapping[str, Tensor]):
+        super().__init__(params, {"text_encoder": text_encoder, "tokenizer": tokenizer}, kept)
+        if self.params.get("freeze", True):
+            text_encoder.eval().requires_grad_(False)
+
+    @property
+    def text_encoder(self):
+        return self.components["text_encoder"]
+
+    @property
+    def tokenizer(self):
+        return self.components["tokenizer"]
+
+
 # --- loading tensors through a module tree -----------------------------------------------------------------------
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .base import CondStage, assign_state, check_materialized, meta_init, set_buffer
+from .base import TextEncoderStage, assign_state, check_materialized, meta_init, set_buffer
 from .tokenizers import CLIP_FILES, find_pretrained_folder, ftfy_fix, resolve_tokenizer_folder
 
 TARGET = "ldm.modules.encoders.modules.FrozenCLIPEmbedder"
@@ -82,7 +82,7 @@ def _has_weights(folder: Path) -> bool:
     return any((folder / name).is_file() for name in ("model.safetensors", "pytorch_model.bin"))
 
 
-class CLIPCondStage(CondStage):
+class CLIPCondStage(TextEncoderStage):
     target = TARGET
     owner = "FrozenCLIPEmbedder"
 
@@ -90,17 +90,7 @@ class CLIPCondStage(CondStage):
         self.original_root = original_root
         self.layer, self.layer_idx = _check_layer(params or {}, self.owner)
         self.max_length = int((params or {}).get("max_length", 77))
-        super().__init__(params, {"text_encoder": text_encoder, "tokenizer": tokenizer}, kept)
-        if (params or {}).get("freeze", True):
-            text_encoder.eval().requires_grad_(False)
-
-    @property
-    def text_encoder(self):
-        return self.components["text_encoder"]
-
-    @property
-    def tokenizer(self):
-        return self.components["tokenizer"]
+        super().__init__(params, text_encoder, tokenizer, kept)
 
     # --- building ----------------------------------------------------------------------------------------------------
     @classmethod

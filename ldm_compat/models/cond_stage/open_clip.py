@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .base import CondStage, assign_state, check_materialized, meta_init, set_buffer
+from .base import TextEncoderStage, assign_state, check_materialized, meta_init, set_buffer
 from .clip import model_root
 from .tokenizers import OpenCLIPTokenize, open_clip_tokenizer
 
@@ -140,22 +140,12 @@ def _block_count(state: Mapping) -> int:
     return len(ids)
 
 
-class OpenCLIPCondStage(CondStage):
+class OpenCLIPCondStage(TextEncoderStage):
     target = TARGET
     owner = "FrozenOpenCLIPEmbedder"
 
     def __init__(self, params, text_encoder, tokenizer, kept):
-        super().__init__(params, {"text_encoder": text_encoder, "tokenizer": tokenizer}, kept)
-        if (params or {}).get("freeze", True):
-            text_encoder.eval().requires_grad_(False)
-
-    @property
-    def text_encoder(self):
-        return self.components["text_encoder"]
-
-    @property
-    def tokenizer(self):
-        return self.components["tokenizer"]
+        super().__init__(params, text_encoder, tokenizer, kept)
 
     @classmethod
     def layer_idx(cls, params: Mapping) -> int:
