@@ -196,7 +196,8 @@ def inpainting_concat(first_stage, image, mask_image, concat_keys, masked_image_
     return torch.cat(parts, dim=1)
 
 
-def _text(cond_stage, target, prompt, negative_prompt, n, guided):
+def _text(cond_stage, prompt, negative_prompt, n: int, guided: bool):
+    """The prompts' context and, for guidance or a negative prompt, the unconditional one (``""`` by default)."""
     prompts = _prompts("prompt", prompt)
     batch = len(prompts)
     context = _repeat(cond_stage.encode(prompts), n, batch, "prompt")
@@ -251,7 +252,7 @@ def call_conditioning(
     with torch.no_grad():
         if text and prompt is not None:
             out.encoder_hidden_states, out.negative_encoder_hidden_states = _text(
-                cond_stage, target, prompt, negative_prompt, n, guided
+                cond_stage, prompt, negative_prompt, n, guided
             )
             batch = len(_prompts("prompt", prompt))
         elif text and encoder_hidden_states is None:
