@@ -26,6 +26,17 @@ def scipy_frechet(mu1, s1, mu2, s2):
     return diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)
 
 
+def tiny_pixel_pipeline(pipelines):
+    """A 4-step 8x8 one-channel pixel pipeline with random weights: enough to exercise sampling and scoring."""
+    unet = {
+        "target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
+        "params": dict(image_size=8, in_channels=1, out_channels=1, model_channels=32, attention_resolutions=[],
+                       num_res_blocks=1, channel_mult=[1], num_heads=1),
+    }  # fmt: skip
+    config = {"model": {"params": {"unet_config": unet, "timesteps": 4, "image_size": 8, "channels": 1}}}
+    return pipelines.LDMCompatPipeline.from_ldm_config(config)
+
+
 @pytest.mark.parametrize("d", [1, 5, 64])
 def test_frechet_matches_scipy_sqrtm(d):
     rng = np.random.default_rng(d)
@@ -155,14 +166,7 @@ def test_evaluate_command_samples_a_pipeline_folder(tmp_path, capsys):
     pipelines = pytest.importorskip("ldm_compat.pipelines.pipeline_ldm_compat")
     from ldm_compat.cli import main
 
-    unet = {
-        "target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
-        "params": dict(image_size=8, in_channels=1, out_channels=1, model_channels=32, attention_resolutions=[],
-                       num_res_blocks=1, channel_mult=[1], num_heads=1),
-    }  # fmt: skip
-    config = {"model": {"params": {"unet_config": unet, "timesteps": 4, "image_size": 8, "channels": 1}}}
-    pipe = pipelines.LDMCompatPipeline.from_ldm_config(config)
-    pipe.save_pretrained(tmp_path / "pipe")
+    tiny_pixel_pipeline(pipelines).save_pretrained(tmp_path / "pipe")
     out = tmp_path / "scores.json"
     assert (
         main(["evaluate", str(tmp_path / "pipe"), "--num-samples", "6", "--batch-size", "4", "--output", str(out)]) == 0
@@ -177,13 +181,7 @@ def test_sample_pipeline_progress_bars_change_nothing_but_the_output(tmp_path, c
     from ldm_compat.evaluation.evaluate import sample_pipeline
 
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
-    unet = {
-        "target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
-        "params": dict(image_size=8, in_channels=1, out_channels=1, model_channels=32, attention_resolutions=[],
-                       num_res_blocks=1, channel_mult=[1], num_heads=1),
-    }  # fmt: skip
-    config = {"model": {"params": {"unet_config": unet, "timesteps": 4, "image_size": 8, "channels": 1}}}
-    pipelines.LDMCompatPipeline.from_ldm_config(config).save_pretrained(tmp_path / "pipe")
+    tiny_pixel_pipeline(pipelines).save_pretrained(tmp_path / "pipe")
     capsys.readouterr()
     quiet, _ = sample_pipeline(str(tmp_path / "pipe"), 6, batch_size=4, device="cpu")
     assert "sampling batch" not in capsys.readouterr().err
