@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ldm_compat.config import ConfigError, to_plain
+from ldm_compat.models.cond_stage.base import module_tree_order
 from ldm_compat.training.latent_objective import (
     FIRST_STAGE,
     UNCONDITIONAL,
@@ -41,7 +42,6 @@ from ldm_compat.training.latent_stages import (
     ProcessDraws,
     build_cond_stage,
     build_first_stage,
-    module_tree_order,
     read_original_state_dict,
     update_first_stage,
 )

@@ -4,7 +4,6 @@
   it (random, or its own ``ckpt_path``), and ``load_state_dict(strict=False)`` on its original key layout;
 - ``build_cond_stage``: ``ldm_compat.models.cond_stage`` (``__is_unconditional__`` is no cond stage);
 - ``read_original_state_dict``: an original checkpoint file or a converted/trained folder;
-- ``module_tree_order``: keys in ``nn.Module.state_dict`` order;
 - ``global_randn`` / ``ProcessDraws``: each process's slice of one draw for the global batch.
 """
 
@@ -45,27 +44,6 @@ class ProcessDraws:
     def like(self, like: torch.Tensor) -> torch.Tensor:
         return global_randn(like.shape, num_processes=self.num_processes, process_index=self.process_index,
                             device=like.device, dtype=like.dtype)  # fmt: skip
-
-
-def module_tree_order(keys) -> list[str]:
-    """``keys`` in the order ``nn.Module.state_dict`` writes a module tree: at every module its own tensors first,
-    then each child's subtree, children in order of first appearance. An order that already is a state dict's is
-    unchanged; a key appended at the end (a buffer kept aside) goes back to its module."""
-    tree: dict = {}
-    for key in keys:
-        node = tree
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"{key}: a tensor and a module share the name {part!r}")
-        node[leaf] = key
-
-    def walk(node: dict) -> list[str]:
-        own = [v for v in node.values() if isinstance(v, str)]
-        return own + [k for v in node.values() if isinstance(v, dict) for k in walk(v)]
-
-    return walk(tree)
 
 
 def build_first_stage(config: Mapping, scale_factor: float, scale_by_std: bool, source: str):

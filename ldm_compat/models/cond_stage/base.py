@@ -17,6 +17,27 @@ from torch import nn
 Tensor = torch.Tensor
 
 
+def module_tree_order(keys) -> list[str]:
+    """``keys`` in the order ``nn.Module.state_dict`` writes a module tree: at every module its own tensors first,
+    then each child's subtree, children in order of first appearance. An order that already is a state dict's is
+    unchanged; a key appended at the end (a buffer kept aside) goes back to its module."""
+    tree: dict = {}
+    for key in keys:
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"{key}: a tensor and a module share the name {part!r}")
+        node[leaf] = key
+
+    def walk(node: dict) -> list[str]:
+        own = [v for v in node.values() if isinstance(v, str)]
+        return own + [k for v in node.values() if isinstance(v, dict) for k in walk(v)]
+
+    return walk(tree)
+
+
 class UnsupportedCondStage(ValueError):
     """A ``cond_stage_config.target`` no adapter handles; the message names it and the supported ones."""
 
@@ -49,7 +70,12 @@ class CondStage:
         for key, value in self.component_state().items():
             state[key] = value.detach().to(device="cpu", dtype=dtypes.get(key, value.dtype))
         state.update({k: v.detach().cpu() for k, v in self.kept.items()})
-        return state
+        return {key: state[key] for key in module_tree_order(self._order_seed(state))}
+
+    def _order_seed(self, state: Mapping[str, Tensor]) -> list[str]:
+        """Keys in an order whose first appearances of each module follow the original module's registration
+        (``module_tree_order`` then gives its ``state_dict`` order)."""
+        return list(state)
 
     # --- the original's behaviour ---------------------------------------------------------------------------------
     def encode(self, cond):

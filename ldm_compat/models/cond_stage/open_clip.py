@@ -248,6 +248,10 @@ class OpenCLIPCondStage(TextEncoderStage):
     def component_state(self) -> dict:
         return self._to_original(self.text_encoder, self.text_encoder.config.num_hidden_layers)
 
+    def _order_seed(self, state) -> list[str]:
+        # open_clip's CLIP registers its transformer before token_embedding and ln_final
+        return sorted(state, key=lambda key: not key.startswith(BLOCKS))
+
     # --- the original's forward -------------------------------------------------------------------------------------
     def tokenize(self, prompts) -> torch.Tensor:
         """``open_clip.tokenize(prompts)``: context 77 whatever ``max_length`` says (the original ignores it)."""
