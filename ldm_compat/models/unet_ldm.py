@@ -140,11 +140,12 @@ class LDMUNetModel(ModelMixin, AttentionMixin, ConfigMixin):
         self._build(p)
         del self._p
 
-    @property
-    def config(self):
-        """The config (``FrozenDict``), also answering the stock-pipeline reads (``unet_stock_call``)."""
+    def register_to_config(self, **kwargs) -> None:
+        """diffusers' ``register_to_config``; the config (a ``FrozenDict``) also answers the stock-pipeline reads
+        (``unet_stock_call``). Set here, never when read: a type change of ``_internal_dict`` inside a compiled
+        forward would make dynamo recompile."""
+        super().register_to_config(**kwargs)
         self._internal_dict = stock_view(self._internal_dict)
-        return self._internal_dict
 
     # ------------------------------------------------------------------ construction
     def _resblock(self, ch: int, out_ch: int | None = None, **kw) -> ResBlock:
