@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 
 def convert(args) -> int:
     from ldm_compat.convert.to_diffusers import original_to_diffusers
@@ -23,7 +26,9 @@ def convert(args) -> int:
         schedule_mismatch=args.schedule_mismatch, unet_options={k: v for k, v in unet_options.items() if v is not None},
         tokenizer_path=args.tokenizer, open_clip_config=args.open_clip_config, scale_factor=args.scale_factor,
     )  # fmt: skip
-    print(f"wrote {folder} (load it with LDMCompatPipeline.from_pretrained({str(folder)!r}))")
+    class_name = json.loads((Path(folder) / "model_index.json").read_text()).get("_class_name", "LDMCompatPipeline")
+    stock = "" if class_name == "LDMCompatPipeline" else f", or as {class_name} by DiffusionPipeline.from_pretrained"
+    print(f"wrote {folder} (load it with LDMCompatPipeline.from_pretrained({str(folder)!r}){stock})")
     if args.native:
         from ldm_compat.convert.native import write_native_unet
 
